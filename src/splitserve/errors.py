@@ -1,0 +1,74 @@
+"""Errors that become HTTP answers.
+
+User code raises these (or the front does) and the server turns them into a JSON body
+``{"error": {"type": ..., "message": ...}}`` with the matching status code. Any other
+exception from user code becomes a 500 with its type and message, and the server goes on.
+"""
+
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    """An error with an HTTP status; the message is shown to the client."""
+
+    status: int = 500
+    kind: str = "internal_error"
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if status is not None:
+            self.status = status
+
+
+class BadRequest(ServiceError):
+    status = 400
+    kind = "bad_request"
+
+
+class NotFound(ServiceError):
+    status = 404
+    kind = "not_found"
+
+
+class PayloadTooLarge(ServiceError):
+    status = 413
+    kind = "payload_too_large"
+
+
+class UnsupportedMediaType(ServiceError):
+    status = 415
+    kind = "unsupported_media_type"
+
+
+class Unprocessable(ServiceError):
+    """The body parsed, but its content has the wrong shape (a JSON field missing, ...)."""
+
+    status = 422
+    kind = "unprocessable"
+
+
+class Overloaded(ServiceError):
+    """A bounded queue is full: the client should retry later (503 with Retry-After)."""
+
+    status = 503
+    kind = "overloaded"
+
+
+class Unavailable(ServiceError):
+    """A process the request depended on died or is not ready (503)."""
+
+    status = 503
+    kind = "unavailable"
+
+
+class DeadlineExceeded(ServiceError):
+    status = 504
+    kind = "deadline_exceeded"
+
+
+def error_status_and_kind(exc: BaseException) -> tuple[int, str, str]:
+    """(status, kind, message) for any exception, as the server reports it."""
+    if isinstance(exc, ServiceError):
+        return exc.status, exc.kind, exc.message
+    return 500, "internal_error", f"{type(exc).__name__}: {exc}"

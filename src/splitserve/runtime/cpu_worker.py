@@ -1,0 +1,203 @@
+"""The CPU worker process: runs the services' Python code, never a model.
+
+One asyncio loop per process. A job's pre/post-processing runs on the loop; while the
+job awaits an engine, the loop runs other jobs' CPU work (the front caps how many jobs a
+worker holds). Inference calls go to the engine processes over DEALER sockets; tensors
+above the inline threshold go through this process's shared-memory pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import itertools
+import logging
+import os
+import sys
+import time
+from collections.abc import Mapping
+
+import numpy as np
+
+from splitserve.config import ServerConfig
+from splitserve.errors import DeadlineExceeded, NotFound, ServiceError, Unavailable
+from splitserve.runtime import channel as chan
+from splitserve.runtime import messages as msg
+from splitserve.runtime.control import report_ready
+from splitserve.runtime.invoke import error_reply, invoke_service
+from splitserve.runtime.process import become_child, run_loop
+from splitserve.runtime.shm import ShmAttachments, ShmPool
+from splitserve.runtime.transport import pack_tensors, unpack_tensors
+from splitserve.service import Request, Service, Tensors
+
+log = logging.getLogger("splitserve.worker")
+
+
+class EngineLink:
+    """The connection to one engine process and the calls waiting on it."""
+
+    def __init__(self, index: int, path: str) -> None:
+        self.index = index
+        self.path = path
+        self.channel: chan.Channel | None = None
+        # request id -> (future of the reply, this worker's segments the request uses)
+        self.pending: dict[int, tuple[asyncio.Future, list[str]]] = {}
+        self.peer_prefixes: set[str] = set()
+
+
+class CpuWorker:
+    def __init__(self, cfg: ServerConfig, index: int) -> None:
+        self.cfg = cfg
+        self.index = index
+        self.pool = ShmPool(cfg.supervisor_pid, cfg.shm_pool_bytes)
+        atexit.register(self.pool.close)
+        self.attachments = ShmAttachments()
+        classes = cfg.load_services()
+        self.services: dict[str, Service] = {name: cls() for name, cls in classes.items()}
+        layout = cfg.engine_layout(classes)
+        self.links = [EngineLink(j, cfg.engine_socket(j)) for j in range(len(layout))]
+        # model key -> the engine links hosting a replica of it
+        self.routes: dict[str, list[EngineLink]] = {}
+        for j, models in enumerate(layout):
+            for key in models:
+                self.routes.setdefault(key, []).append(self.links[j])
+        self._ids = itertools.count(1)
+        self.front: chan.Channel | None = None
+        self.tasks: set[asyncio.Task] = set()
+
+    def setup(self) -> None:
+        for service in self.services.values():
+            service.setup()
+        if "cv2" in sys.modules:  # numerics stay single-threaded: the cores are shared
+            sys.modules["cv2"].setNumThreads(1)
+
+    def make_infer(self, service: str, deadline: float):
+        """The ``infer`` callable a service's ``handle`` receives for one job."""
+
+        async def infer(model: str, inputs: Mapping[str, np.ndarray]) -> Tensors:
+            return await self.infer(f"{service}/{model}", inputs, deadline)
+
+        return infer
+
+    async def infer(self, key: str, inputs: Mapping[str, np.ndarray], deadline: float) -> Tensors:
+        links = [link for link in self.routes.get(key, ()) if link.channel is not None]
+        if not links:
+            service, _, model = key.partition("/")
+            if key not in self.routes:
+                raise NotFound(f"service {service!r} declares no model {model!r}")
+            raise Unavailable(f"no engine process hosting {key} is up; retry")
+        link = min(links, key=lambda link: len(link.pending))
+        assert link.channel is not None
+        request_id = next(self._ids)
+        frames: list = []
+        refs, segments = pack_tensors(inputs, frames, self.pool)
+        future: asyncio.Future = asyncio.get_running_loop().create_future()
+        # The entry stays until the engine answers (it always does, or its connection
+        # closes): only then are the input segments free again, even after a timeout.
+        link.pending[request_id] = (future, segments)
+        link.channel.send([msg.encode(msg.InferRequest(request_id, key, deadline, refs)), *frames])
+        try:
+            reply, reply_frames = await asyncio.wait_for(future, deadline - time.monotonic())
+        except TimeoutError:
+            raise DeadlineExceeded(
+                f"no answer from the engine for {key} before the deadline"
+            ) from None
+        if reply.error:
+            raise ServiceError(f"{key}: {reply.error}", status=reply.error_status or 500)
+        outputs = unpack_tensors(reply.tensors, reply_frames, self.attachments, copy_shared=True)
+        self._release_outputs(link, reply)
+        return outputs
+
+    def _release_outputs(self, link: EngineLink, reply: msg.InferReply) -> None:
+        shared = [t.segment for t in reply.tensors if t.segment]
+        if shared and link.channel is not None:
+            link.peer_prefixes.update(s.rpartition("-")[0] for s in shared)
+            with contextlib.suppress(chan.ChannelClosed):
+                link.channel.send([msg.encode(msg.Release(shared))])
+
+    async def engine_link(self, link: EngineLink) -> None:
+        """Keep a connection to one engine: read its replies, reconnect when it restarts."""
+        while True:
+            link.channel = await chan.connect(link.path, timeout=float("inf"))
+            try:
+                while True:
+                    header, *frames = await link.channel.recv()
+                    reply = msg.engine_decoder.decode(header)
+                    if isinstance(reply, msg.InferReply):
+                        self._on_reply(link, reply, frames)
+            except chan.ChannelClosed:
+                log.warning(
+                    "engine %d closed its connection; failing %d calls",
+                    link.index,
+                    len(link.pending),
+                )
+            finally:
+                link.channel = None
+                for future, segments in link.pending.values():
+                    for segment in segments:
+                        self.pool.release(segment)
+                    if not future.done():
+                        future.set_exception(
+                            Unavailable(f"engine process {link.index} died; retry")
+                        )
+                link.pending.clear()
+                for prefix in link.peer_prefixes:
+                    self.attachments.forget(prefix)
+                link.peer_prefixes.clear()
+
+    def _on_reply(self, link: EngineLink, reply: msg.InferReply, frames: list) -> None:
+        entry = link.pending.pop(reply.id, None)
+        if entry is None:
+            return
+        future, segments = entry
+        for segment in segments:
+            self.pool.release(segment)
+        if not future.done():
+            future.set_result((reply, frames))
+        else:  # the caller gave up (deadline): give back the outputs unread
+            self._release_outputs(link, reply)
+
+    async def run_job(self, job: msg.Job, body: bytes) -> None:
+        started = time.monotonic()
+        service = self.services.get(job.service)
+        if service is None:
+            reply = error_reply(NotFound(f"no service named {job.service!r}"))
+        else:
+            request = Request(body, job.content_type, job.headers, self.cfg.max_image_pixels)
+            reply = await invoke_service(
+                service, request, self.make_infer(job.service, job.deadline)
+            )
+        reply.timings["worker_ms"] = (time.monotonic() - started) * 1000
+        header = msg.JobReply(
+            job.id, reply.status, reply.content_type, reply.timings, reply.headers
+        )
+        if self.front is not None:
+            with contextlib.suppress(chan.ChannelClosed):
+                self.front.send([msg.encode(header), reply.body])
+
+    async def serve(self) -> None:
+        for link in self.links:
+            self._spawn(self.engine_link(link))
+        self.front = await chan.connect(self.cfg.socket_path("front"), timeout=float("inf"))
+        hello = msg.WorkerHello(self.index, os.getpid(), self.cfg.worker_concurrency)
+        self.front.send([msg.encode(hello)])
+        report_ready(self.cfg, "worker", self.index)
+        while True:  # the front going away ends this worker (the supervisor restarts all)
+            header, *frames = await self.front.recv()
+            job = msg.front_decoder.decode(header)
+            if isinstance(job, msg.Job):
+                self._spawn(self.run_job(job, bytes(frames[0]) if frames else b""))
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+
+def run_cpu_worker(cfg: ServerConfig, index: int) -> None:
+    """Entry point of a CPU worker process (started by the supervisor)."""
+    become_child(f"splitserve-cpu-{index}", cfg.supervisor_pid, cfg.log_level)
+    worker = CpuWorker(cfg, index)
+    worker.setup()
+    run_loop(worker.serve())

@@ -1,0 +1,223 @@
+"""The engine process: loads models, batches requests from CPU workers, runs inference.
+
+Threads:
+- the I/O thread (the process's main thread) runs an asyncio loop that accepts the CPU
+  workers' connections, decodes and validates requests, queues them in the model's
+  ``Batcher`` and handles ``Release`` messages;
+- one thread per model waits for batches and runs them, then hands each reply back to
+  the loop (``call_soon_threadsafe``). ONNX Runtime (like TensorRT and PyTorch) releases
+  the GIL while it computes, so the loop keeps receiving and the next batch fills up
+  during the current one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from splitserve.config import ServerConfig
+from splitserve.engines.base import Engine, create_engine
+from splitserve.errors import BadRequest, DeadlineExceeded, NotFound, error_status_and_kind
+from splitserve.runtime import channel as chan
+from splitserve.runtime import messages as msg
+from splitserve.runtime.batcher import Batcher, PendingRequest
+from splitserve.runtime.control import report_ready
+from splitserve.runtime.process import become_child, run_loop
+from splitserve.runtime.shm import ShmAttachments, ShmPool
+from splitserve.runtime.transport import TransportError, pack_tensors, unpack_tensors
+from splitserve.service import Model
+
+log = logging.getLogger("splitserve.engine")
+
+
+@dataclass(frozen=True, eq=False)
+class ReplyTo:
+    channel: chan.Channel
+    request_id: int
+
+
+Deliver = Callable[[ReplyTo, list, list[str]], None]
+
+
+class ModelRunner(threading.Thread):
+    """Runs the batches of one model and hands the replies to the I/O thread."""
+
+    def __init__(
+        self, key: str, model: Model, engine: Engine, pool: ShmPool, deliver: Deliver
+    ) -> None:
+        super().__init__(name=f"model:{key}", daemon=True)
+        self.key = key
+        self.engine = engine
+        own_limit = engine.max_batch_size
+        max_batch = min(model.max_batch_size, own_limit) if own_limit else model.max_batch_size
+        if own_limit and own_limit < model.max_batch_size:
+            log.info(
+                "%s: the model's batch axis is fixed at %d; batches are capped there",
+                key,
+                own_limit,
+            )
+        self.batcher = Batcher(
+            max_batch, model.max_delay_ms / 1000.0, model.pad_axes, model.pad_value
+        )
+        self.pool = pool
+        self.deliver = deliver
+        self._stop = threading.Event()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.batcher.close()
+
+    def run(self) -> None:
+        while not self._stop.is_set():
+            batch, expired = self.batcher.next_batch(timeout=0.5)
+            for req in expired:
+                self.send_error(req.key, DeadlineExceeded("deadline passed in the engine queue"))
+            if batch is None:
+                continue
+            started = time.monotonic()
+            try:
+                outputs = self.engine.infer(batch.inputs)
+            except Exception as exc:
+                log.exception("%s: inference failed on a batch of %d", self.key, batch.size)
+                for req in batch.fail():
+                    self.send_error(req.key, exc)
+                continue
+            infer_ms = (time.monotonic() - started) * 1000
+            for req in batch.complete(outputs):
+                self.send_outputs(req, batch.formed, infer_ms, batch.size)
+
+    def send_outputs(self, req: PendingRequest, formed: float, infer_ms: float, size: int) -> None:
+        frames: list = []
+        assert req.outputs is not None
+        refs, segments = pack_tensors(req.outputs, frames, self.pool)
+        header = msg.InferReply(
+            req.key.request_id,
+            refs,
+            queue_ms=(formed - req.arrived) * 1000,
+            infer_ms=infer_ms,
+            batch_size=size,
+        )
+        self.deliver(req.key, [msg.encode(header), *frames], segments)
+
+    def send_error(self, key: ReplyTo, exc: BaseException) -> None:
+        self.deliver(key, [error_header(key, exc)], [])
+
+
+def error_header(key: ReplyTo, exc: BaseException) -> bytes:
+    status, _, message = error_status_and_kind(exc)
+    return msg.encode(msg.InferReply(key.request_id, error=message, error_status=status))
+
+
+class EngineProcess:
+    def __init__(
+        self, cfg: ServerConfig, index: int, models: dict[str, Model], classes: dict
+    ) -> None:
+        self.cfg = cfg
+        self.index = index
+        self.pool = ShmPool(cfg.supervisor_pid, cfg.shm_pool_bytes)
+        atexit.register(self.pool.close)
+        self.attachments = ShmAttachments()
+        # Output segments each connection still reads; freed by Release or on close.
+        self.lent: dict[chan.Channel, set[str]] = {}
+        self.loop: asyncio.AbstractEventLoop | None = None
+        threads = cfg.threads_per_engine(len(cfg.engine_layout(classes)))
+        self.runners: dict[str, ModelRunner] = {}
+        for key, model in models.items():
+            path = classes[key.partition("/")[0]].model_path(model)
+            started = time.monotonic()
+            engine = create_engine(model, path, threads=threads)
+            self._warm_up(key, engine)
+            log.info(
+                "engine %d loaded %s (%s, %d threads) in %.2fs",
+                index,
+                key,
+                path.name,
+                threads,
+                time.monotonic() - started,
+            )
+            self.runners[key] = ModelRunner(key, model, engine, self.pool, self.deliver)
+
+    @staticmethod
+    def _warm_up(key: str, engine: Engine) -> None:
+        try:
+            engine.infer(engine.warmup_batch())
+        except Exception as exc:  # a model with strict shapes: the first request warms it
+            log.warning("%s: warm-up with a generic batch failed (%s)", key, exc)
+
+    def deliver(self, key: ReplyTo, frames: list, segments: list[str]) -> None:
+        """Called from model threads: send a reply from the loop's thread."""
+        assert self.loop is not None
+        self.loop.call_soon_threadsafe(self._send, key.channel, frames, segments)
+
+    def _send(self, channel: chan.Channel, frames: list, segments: list[str]) -> None:
+        lent = self.lent.get(channel)
+        if lent is None:  # the worker is gone: nobody will read these outputs
+            for segment in segments:
+                self.pool.release(segment)
+            return
+        lent.update(segments)
+        with contextlib.suppress(chan.ChannelClosed):
+            channel.send(frames)
+
+    async def serve(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        for runner in self.runners.values():
+            runner.start()
+        server = await chan.serve(self.cfg.engine_socket(self.index), self.on_channel)
+        report_ready(self.cfg, "engine", self.index)
+        try:
+            await server.serve_forever()
+        finally:
+            for runner in self.runners.values():
+                runner.stop()
+
+    async def on_channel(self, channel: chan.Channel) -> None:
+        self.lent[channel] = set()
+        try:
+            while True:
+                frames = await channel.recv()
+                self.on_message(channel, frames[0], frames[1:])
+        finally:
+            for segment in self.lent.pop(channel, ()):
+                self.pool.release(segment)
+
+    def on_message(self, channel: chan.Channel, header: memoryview, frames: list) -> None:
+        try:
+            message = msg.engine_decoder.decode(header)
+        except Exception as exc:
+            log.warning("dropping an undecodable message: %s", exc)
+            return
+        if isinstance(message, msg.Release):
+            lent = self.lent.get(channel, set())
+            for segment in message.segments:
+                if segment in lent:
+                    lent.discard(segment)
+                    self.pool.release(segment)
+        elif isinstance(message, msg.InferRequest):
+            key = ReplyTo(channel, message.id)
+            runner = self.runners.get(message.model)
+            try:
+                if runner is None:
+                    raise NotFound(f"engine {self.index} does not host model {message.model!r}")
+                inputs = unpack_tensors(message.tensors, frames, self.attachments)
+                runner.engine.check_inputs(inputs)
+                runner.batcher.submit(PendingRequest(key, inputs, message.deadline))
+            except (TransportError, ValueError) as exc:
+                channel.send([error_header(key, BadRequest(str(exc)))])
+            except Exception as exc:
+                channel.send([error_header(key, exc)])
+
+
+def run_engine_process(cfg: ServerConfig, index: int) -> None:
+    """Entry point of an engine process (started by the supervisor)."""
+    become_child(f"splitserve-engine-{index}", cfg.supervisor_pid, cfg.log_level)
+    classes = cfg.load_services()
+    models = cfg.engine_layout(classes)[index]
+    engine = EngineProcess(cfg, index, models, classes)
+    run_loop(engine.serve())

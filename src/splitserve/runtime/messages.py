@@ -1,0 +1,112 @@
+"""Typed message headers exchanged between the processes (msgpack via msgspec).
+
+Every ZeroMQ message is ``[header, *payload_frames]``: the header is one of the structs
+below, tensors and bodies ride in the payload frames or in shared memory, never inside
+the header and never through pickle.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class TensorRef(msgspec.Struct, array_like=True, frozen=True):
+    """Where a tensor's bytes are: payload frame ``frame``, or a shared-memory segment."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    frame: int = -1
+    segment: str = ""
+    nbytes: int = 0
+
+
+# front <-> CPU worker
+
+
+class Job(msgspec.Struct, tag="job", array_like=True):
+    """One HTTP request for a service; the body is payload frame 0."""
+
+    id: int
+    service: str
+    content_type: str
+    deadline: float  # time.monotonic() seconds (one clock for every process of a host)
+    headers: dict[str, str] = {}
+
+
+class JobReply(msgspec.Struct, tag="job_reply", array_like=True):
+    """The answer to a Job; the body is payload frame 0."""
+
+    id: int
+    status: int
+    content_type: str
+    timings: dict[str, float] = {}
+    headers: dict[str, str] = {}
+
+
+class WorkerHello(msgspec.Struct, tag="hello", array_like=True):
+    """A CPU worker announcing itself (and how many jobs it takes at once) to the front."""
+
+    index: int
+    pid: int
+    capacity: int
+
+
+# CPU worker <-> engine
+
+
+class InferRequest(msgspec.Struct, tag="infer", array_like=True):
+    id: int
+    model: str
+    deadline: float
+    tensors: list[TensorRef]
+
+
+class InferReply(msgspec.Struct, tag="infer_reply", array_like=True):
+    id: int
+    tensors: list[TensorRef] = []
+    error: str = ""
+    error_status: int = 0
+    queue_ms: float = 0.0
+    infer_ms: float = 0.0
+    batch_size: int = 0
+
+
+class Release(msgspec.Struct, tag="release", array_like=True):
+    """The reader is done with these segments of the receiver's pool."""
+
+    segments: list[str]
+
+
+# children <-> supervisor
+
+
+class ChildReady(msgspec.Struct, tag="ready", array_like=True):
+    role: str
+    index: int
+    pid: int
+
+
+class ServerState(msgspec.Struct, tag="state", array_like=True):
+    """Broadcast by the supervisor on every change and periodically (late joiners).
+
+    ``engines`` / ``workers`` map a child's index to its pid when it is up and ready,
+    to 0 otherwise; a changed pid tells a peer that the child was restarted.
+    """
+
+    engines: dict[int, int]
+    workers: dict[int, int]
+
+    @property
+    def ready(self) -> bool:
+        return all(self.engines.values()) and any(self.workers.values())
+
+
+FrontMessage = Job | JobReply | WorkerHello
+EngineMessage = InferRequest | InferReply | Release
+ControlMessage = ChildReady | ServerState
+
+encode = msgspec.msgpack.Encoder().encode
+front_decoder = msgspec.msgpack.Decoder(FrontMessage)
+engine_decoder = msgspec.msgpack.Decoder(EngineMessage)
+control_decoder = msgspec.msgpack.Decoder(ControlMessage)

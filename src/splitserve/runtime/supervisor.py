@@ -1,0 +1,202 @@
+"""The supervisor: starts the front, the CPU workers and the engines, and keeps them up.
+
+It owns the run directory (the ipc sockets), listens for ``ChildReady`` on a PULL
+socket, and publishes ``ServerState`` on a PUB socket on every change and every
+``STATE_INTERVAL_S`` (so late subscribers catch up). A child that dies is restarted
+after a short back-off; its shared-memory segments are removed, and the state it
+publishes tells the front and the workers to fail what was in flight there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import shutil
+import signal
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from multiprocessing.process import BaseProcess
+
+import zmq
+
+from splitserve.config import ServerConfig
+from splitserve.protocol.rest import describe_services
+from splitserve.runtime import messages as msg
+from splitserve.runtime.cpu_worker import run_cpu_worker
+from splitserve.runtime.engine_worker import run_engine_process
+from splitserve.runtime.front import run_front
+from splitserve.runtime.process import check_port_free, configure_logging
+from splitserve.runtime.shm import remove_segments
+
+log = logging.getLogger("splitserve.supervisor")
+
+STATE_INTERVAL_S = 0.5
+RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0)
+# Numeric libraries in CPU workers stay single-threaded: the engines get the cores.
+WORKER_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+@dataclass
+class Child:
+    role: str
+    index: int
+    target: Callable
+    args: tuple
+    env: dict[str, str]
+    process: BaseProcess | None = None
+    ready_pid: int = 0
+    restarts: int = 0
+    restart_at: float = 0.0
+
+
+class Supervisor:
+    def __init__(self, cfg: ServerConfig) -> None:
+        check_port_free(cfg.host, cfg.port)
+        classes = cfg.load_services()
+        run_dir = tempfile.mkdtemp(prefix="splitserve-")
+        self.cfg = replace(cfg, run_dir=run_dir, supervisor_pid=os.getpid())
+        self.mp = multiprocessing.get_context("spawn")
+        layout = self.cfg.engine_layout(classes)
+        catalogue = describe_services(classes)
+        self.children = [
+            Child("engine", j, run_engine_process, (self.cfg, j), {}) for j in range(len(layout))
+        ]
+        self.children += [
+            Child("worker", i, run_cpu_worker, (self.cfg, i), WORKER_ENV)
+            for i in range(self.cfg.cpu_workers)
+        ]
+        self.children.append(Child("front", 0, run_front, (self.cfg, catalogue), WORKER_ENV))
+        self.ctx = zmq.Context()
+        self.control = self.ctx.socket(zmq.PULL)
+        self.control.bind(self.cfg.control_endpoint("control"))
+        self.state_pub = self.ctx.socket(zmq.PUB)
+        self.state_pub.bind(self.cfg.control_endpoint("state"))
+        self._stopping = False
+
+    def _start(self, child: Child) -> None:
+        saved = {k: os.environ.get(k) for k in child.env}
+        os.environ.update(child.env)
+        try:
+            child.process = self.mp.Process(
+                target=child.target, args=child.args, name=f"splitserve-{child.role}-{child.index}"
+            )
+            child.process.start()
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+        child.ready_pid = 0
+
+    def _publish(self) -> None:
+        state = msg.ServerState(
+            engines={c.index: c.ready_pid for c in self.children if c.role == "engine"},
+            workers={c.index: c.ready_pid for c in self.children if c.role == "worker"},
+        )
+        self.state_pub.send(msg.encode(state))
+
+    def run(self) -> int:
+        """Run until SIGINT/SIGTERM; returns the exit code."""
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        log.info(
+            "serving %s in split mode on http://%s:%d (%d CPU workers, %d engine processes)",
+            ", ".join(self.cfg.services),
+            self.cfg.host,
+            self.cfg.port,
+            self.cfg.cpu_workers,
+            sum(c.role == "engine" for c in self.children),
+        )
+        for child in self.children:
+            self._start(child)
+        last_publish = 0.0
+        try:
+            while not self._stopping:
+                changed = self._receive(timeout_ms=100)
+                changed |= self._reap()
+                now = time.monotonic()
+                if changed or now - last_publish >= STATE_INTERVAL_S:
+                    self._publish()
+                    last_publish = now
+        finally:
+            self.shutdown()
+        return 0
+
+    def _on_signal(self, *_: object) -> None:
+        self._stopping = True
+
+    def _receive(self, timeout_ms: int) -> bool:
+        changed = False
+        if self.control.poll(timeout_ms):
+            while True:
+                try:
+                    raw = self.control.recv(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                ready = msg.control_decoder.decode(raw)
+                if not isinstance(ready, msg.ChildReady):
+                    continue
+                for child in self.children:
+                    if (
+                        (child.role, child.index) == (ready.role, ready.index)
+                        and child.process is not None
+                        and child.process.pid == ready.pid
+                    ):
+                        child.ready_pid = ready.pid
+                        changed = True
+                        log.info("%s %d ready (pid %d)", child.role, child.index, ready.pid)
+        return changed
+
+    def _reap(self) -> bool:
+        """Notice dead children, clean up after them, restart them after a back-off."""
+        changed = False
+        now = time.monotonic()
+        for child in self.children:
+            proc = child.process
+            if proc is not None and not proc.is_alive():
+                log.error(
+                    "%s %d (pid %s) exited with code %s; restarting",
+                    child.role,
+                    child.index,
+                    proc.pid,
+                    proc.exitcode,
+                )
+                if proc.pid:
+                    remove_segments(self.cfg.supervisor_pid, proc.pid)
+                child.process = None
+                child.ready_pid = 0
+                delay = RESTART_BACKOFF_S[min(child.restarts, len(RESTART_BACKOFF_S) - 1)]
+                child.restart_at = now + delay
+                child.restarts += 1
+                changed = True
+            elif proc is None and now >= child.restart_at:
+                self._start(child)
+        return changed
+
+    def shutdown(self) -> None:
+        # The front first (no new work), the engines last (workers' calls end cleanly).
+        procs = [c.process for c in reversed(self.children) if c.process is not None]
+        for proc in procs:
+            with contextlib.suppress(ProcessLookupError, AttributeError):
+                proc.terminate()
+        deadline = time.monotonic() + 5.0
+        for proc in procs:
+            proc.join(max(0.0, deadline - time.monotonic()))
+            if proc.is_alive():
+                proc.kill()
+                proc.join(1.0)
+        remove_segments(self.cfg.supervisor_pid)
+        self.ctx.destroy(linger=0)
+        shutil.rmtree(self.cfg.run_dir, ignore_errors=True)
+        log.info("stopped")
+
+
+def serve_split(cfg: ServerConfig) -> int:
+    configure_logging(cfg.log_level)
+    return Supervisor(cfg).run()

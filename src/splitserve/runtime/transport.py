@@ -1,0 +1,119 @@
+"""Tensors in and out of messages: inline zero-copy frames or shared memory.
+
+A tensor at or under ``INLINE_MAX_BYTES`` travels as a ZeroMQ frame of its own (sent
+from the array's buffer without a copy); a larger one is written once into the
+sender's shared-memory pool and read in place by the receiver.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import numpy as np
+
+from splitserve.runtime.messages import TensorRef
+from splitserve.runtime.shm import ShmAttachments, ShmPool
+
+# Measured by benchmarks/transport.py (docs/benchmarks.md): below ~64 KiB an inline
+# frame costs less than a shared-memory write plus the release message it needs;
+# above it a ZeroMQ ipc frame goes through the kernel socket twice and falls behind.
+INLINE_MAX_BYTES = 64 * 1024
+
+# dtypes a tensor may have on the wire: numeric only, so a header can never make the
+# receiver build object arrays.
+ALLOWED_DTYPES = frozenset(
+    {
+        "float16",
+        "float32",
+        "float64",
+        "int8",
+        "int16",
+        "int32",
+        "int64",
+        "uint8",
+        "uint16",
+        "uint32",
+        "uint64",
+        "bool",
+    }
+)
+
+
+class TransportError(ValueError):
+    """A message whose tensor references do not describe valid tensors."""
+
+
+def pack_tensors(
+    tensors: Mapping[str, np.ndarray],
+    frames: list[memoryview | bytes],
+    pool: ShmPool | None,
+) -> tuple[list[TensorRef], list[str]]:
+    """Describe ``tensors`` as refs, appending payload frames; returns (refs, segments used).
+
+    The caller releases the returned segments once the receiver has answered.
+    """
+    refs: list[TensorRef] = []
+    segments: list[str] = []
+    for name, value in tensors.items():
+        arr = np.ascontiguousarray(value)
+        if arr.dtype.name not in ALLOWED_DTYPES:
+            raise TransportError(f"tensor {name!r} has unsupported dtype {arr.dtype}")
+        slot = (
+            pool.allocate(arr.nbytes)
+            if pool is not None and arr.nbytes > INLINE_MAX_BYTES
+            else None
+        )
+        if slot is None:
+            refs.append(
+                TensorRef(name, arr.dtype.name, arr.shape, frame=len(frames), nbytes=arr.nbytes)
+            )
+            frames.append(arr.data.cast("B") if arr.nbytes else b"")
+        else:
+            segment, view = slot
+            np.frombuffer(view, dtype=arr.dtype).reshape(arr.shape)[...] = arr
+            refs.append(
+                TensorRef(name, arr.dtype.name, arr.shape, segment=segment, nbytes=arr.nbytes)
+            )
+            segments.append(segment)
+    return refs, segments
+
+
+def unpack_tensors(
+    refs: list[TensorRef],
+    frames: list,
+    attachments: ShmAttachments,
+    *,
+    copy_shared: bool = False,
+) -> dict[str, np.ndarray]:
+    """Arrays for ``refs``: views on frames or shared memory (copies if ``copy_shared``).
+
+    Views on shared memory stay valid only until the segment is released to its owner.
+    """
+    out: dict[str, np.ndarray] = {}
+    for ref in refs:
+        if ref.dtype not in ALLOWED_DTYPES:
+            raise TransportError(f"tensor {ref.name!r}: dtype {ref.dtype!r} not allowed")
+        dtype = np.dtype(ref.dtype)
+        if any(d < 0 for d in ref.shape):
+            raise TransportError(f"tensor {ref.name!r}: negative dimension in {ref.shape}")
+        nbytes = math.prod(ref.shape) * dtype.itemsize
+        if nbytes != ref.nbytes:
+            raise TransportError(
+                f"tensor {ref.name!r}: shape {ref.shape} needs {nbytes} bytes, "
+                f"{ref.nbytes} announced"
+            )
+        if ref.segment:
+            buf = attachments.view(ref.segment, nbytes)
+        elif 0 <= ref.frame < len(frames):
+            frame = frames[ref.frame]
+            buf = frame.buffer if hasattr(frame, "buffer") else memoryview(frame)
+            if len(buf) != nbytes:
+                raise TransportError(
+                    f"tensor {ref.name!r}: frame holds {len(buf)} bytes, {nbytes} announced"
+                )
+        else:
+            raise TransportError(f"tensor {ref.name!r}: no frame {ref.frame}")
+        arr = np.frombuffer(buf, dtype=dtype).reshape(ref.shape)
+        out[ref.name] = arr.copy() if copy_shared and ref.segment else arr
+    return out
