@@ -35,7 +35,9 @@ class Model:
     ``path`` is a model file (ONNX for the default backend), absolute or relative to the
     service's module. ``pad_axes`` names, per input, the axes along which requests of
     different sizes may be zero-padded (``pad_value``) to share a batch; requests whose
-    shapes differ elsewhere are batched separately. ``threads`` overrides the engine's
+    shapes differ elsewhere are batched separately. ``pad_bucket`` (> 0) limits padding
+    to requests whose sizes along a pad axis fall in the same bucket of that many
+    elements, for models whose results move with padding. ``threads`` overrides the engine's
     intra-op thread count for this model.
     """
 
@@ -46,6 +48,7 @@ class Model:
     replicas: int = 1
     pad_axes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     pad_value: float = 0.0
+    pad_bucket: int = 0
     threads: int | None = None
     options: Mapping[str, Any] = field(default_factory=dict)
 
@@ -56,6 +59,8 @@ class Model:
             raise ValueError(f"max_delay_ms must be >= 0, got {self.max_delay_ms}")
         if self.replicas < 1:
             raise ValueError(f"replicas must be >= 1, got {self.replicas}")
+        if self.pad_bucket < 0:
+            raise ValueError(f"pad_bucket must be >= 0, got {self.pad_bucket}")
         for name, axes in self.pad_axes.items():
             if any(a < 1 for a in axes):
                 raise ValueError(f"pad_axes[{name!r}]: axis 0 is the batch axis; pad axes are >= 1")

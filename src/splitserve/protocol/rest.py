@@ -38,7 +38,11 @@ class Dispatcher(Protocol):
 
 
 def _response(reply: Reply) -> Response:
-    return Response(reply.body, reply.status, headers=reply.headers, media_type=reply.content_type)
+    headers = reply.headers
+    if reply.timings:  # where the time went, per stage (ms), for benchmarks and debugging
+        timings = ",".join(f"{k}={v:.3f}" for k, v in reply.timings.items())
+        headers = {**headers, "X-Splitserve-Timings": timings}
+    return Response(reply.body, reply.status, headers=headers, media_type=reply.content_type)
 
 
 async def read_body(request: HttpRequest, limit: int) -> bytes:

@@ -9,7 +9,8 @@ The contract:
   arrival rate, no other request is expected before then (a lone client pays no delay).
 - Requests are compatible when their inputs agree in dtype and in every axis but the
   batch axis and the model's declared ``pad_axes``; along those, smaller inputs are
-  padded with ``pad_value`` to the largest in the batch. Incompatible requests wait for
+  padded with ``pad_value`` to the largest in the batch (within ``pad_bucket``
+  elements of each other when it is set). Incompatible requests wait for
   a batch of their own, in arrival order.
 - The queue is bounded (``max_queue`` requests; ``submit`` raises ``Overloaded``), and
   requests whose deadline passed are handed back unrun by ``next_batch``.
@@ -113,6 +114,7 @@ class Batcher:
         pad_axes: Mapping[str, tuple[int, ...]] | None = None,
         pad_value: float = 0.0,
         max_queue: int = 1024,
+        pad_bucket: int = 0,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -124,6 +126,7 @@ class Batcher:
         self.max_delay_s = max_delay_s
         self.pad_axes = {k: frozenset(v) for k, v in (pad_axes or {}).items()}
         self.pad_value = pad_value
+        self.pad_bucket = pad_bucket
         self.max_queue = max_queue
         self._queue: deque[PendingRequest] = deque()
         self._cond = threading.Condition()
@@ -148,14 +151,18 @@ class Batcher:
                 name,
                 arr.dtype.str,
                 tuple(
-                    -1 if axis in self.pad_axes.get(name, ()) else d
-                    for axis, d in enumerate(arr.shape)
-                    if axis > 0
+                    self._axis_key(name, axis, d) for axis, d in enumerate(arr.shape) if axis > 0
                 ),
             )
             for name, arr in sorted(inputs.items())
         )
         return sig, rows.pop()
+
+    def _axis_key(self, name: str, axis: int, size: int) -> int:
+        """What must match along an axis to share a batch: the size, or its pad bucket."""
+        if axis not in self.pad_axes.get(name, ()):
+            return size
+        return -1 - (size - 1) // self.pad_bucket if self.pad_bucket else -1
 
     def submit(self, request: PendingRequest) -> None:
         """Queue a request (``BadRequest`` for malformed inputs, ``Overloaded`` when full)."""
@@ -165,8 +172,10 @@ class Batcher:
                 raise Overloaded("engine is shutting down")
             if len(self._queue) >= self.max_queue:
                 raise Overloaded(f"engine queue is full ({self.max_queue} requests)")
-            gap = min(request.arrived - self._last_arrival, 1.0)
-            self._gap_s = gap if self._gap_s == float("inf") else 0.8 * self._gap_s + 0.2 * gap
+            if self._last_arrival:
+                gap = min(request.arrived - self._last_arrival, 1.0)
+                first = self._gap_s == float("inf")
+                self._gap_s = gap if first else 0.8 * self._gap_s + 0.2 * gap
             self._last_arrival = request.arrived
             self._queue.append(request)
             self._cond.notify()

@@ -41,6 +41,7 @@ class EngineLink:
         self.index = index
         self.path = path
         self.channel: chan.Channel | None = None
+        self.connected = asyncio.Event()
         # request id -> (future of the reply, this worker's segments the request uses)
         self.pending: dict[int, tuple[asyncio.Future, list[str]]] = {}
         self.peer_prefixes: set[str] = set()
@@ -72,21 +73,42 @@ class CpuWorker:
         if "cv2" in sys.modules:  # numerics stay single-threaded: the cores are shared
             sys.modules["cv2"].setNumThreads(1)
 
-    def make_infer(self, service: str, deadline: float):
+    def make_infer(self, service: str, deadline: float, timings: dict[str, float]):
         """The ``infer`` callable a service's ``handle`` receives for one job."""
 
         async def infer(model: str, inputs: Mapping[str, np.ndarray]) -> Tensors:
-            return await self.infer(f"{service}/{model}", inputs, deadline)
+            return await self.infer(f"{service}/{model}", inputs, deadline, timings)
 
         return infer
 
-    async def infer(self, key: str, inputs: Mapping[str, np.ndarray], deadline: float) -> Tensors:
-        links = [link for link in self.routes.get(key, ()) if link.channel is not None]
-        if not links:
+    async def infer(
+        self,
+        key: str,
+        inputs: Mapping[str, np.ndarray],
+        deadline: float,
+        timings: dict[str, float],
+    ) -> Tensors:
+        """Run ``inputs`` through model ``key`` on the least busy engine hosting it.
+
+        ``timings`` accumulates, over a job's calls, the wall time awaiting engines and
+        the engines' own queue and compute times (answered in X-Splitserve-Timings).
+        """
+        started = time.monotonic()
+        routes = self.routes.get(key)
+        if not routes:
             service, _, model = key.partition("/")
-            if key not in self.routes:
-                raise NotFound(f"service {service!r} declares no model {model!r}")
-            raise Unavailable(f"no engine process hosting {key} is up; retry")
+            raise NotFound(f"service {service!r} declares no model {model!r}")
+        links = [link for link in routes if link.channel is not None]
+        if not links:  # every replica is restarting: wait for one, within the deadline
+            waits = [asyncio.ensure_future(link.connected.wait()) for link in routes]
+            _, pending = await asyncio.wait(
+                waits, timeout=deadline - time.monotonic(), return_when=asyncio.FIRST_COMPLETED
+            )
+            for waiter in pending:
+                waiter.cancel()
+            links = [link for link in routes if link.channel is not None]
+            if not links:
+                raise Unavailable(f"no engine process hosting {key} came up in time; retry")
         link = min(links, key=lambda link: len(link.pending))
         assert link.channel is not None
         request_id = next(self._ids)
@@ -107,6 +129,14 @@ class CpuWorker:
             raise ServiceError(f"{key}: {reply.error}", status=reply.error_status or 500)
         outputs = unpack_tensors(reply.tensors, reply_frames, self.attachments, copy_shared=True)
         self._release_outputs(link, reply)
+        for name, value in (
+            ("infer_calls", 1),
+            ("infer_wait_ms", (time.monotonic() - started) * 1000),
+            ("engine_queue_ms", reply.queue_ms),
+            ("engine_compute_ms", reply.infer_ms),
+            ("engine_batch_rows", reply.batch_size),
+        ):
+            timings[name] = timings.get(name, 0) + value
         return outputs
 
     def _release_outputs(self, link: EngineLink, reply: msg.InferReply) -> None:
@@ -120,6 +150,7 @@ class CpuWorker:
         """Keep a connection to one engine: read its replies, reconnect when it restarts."""
         while True:
             link.channel = await chan.connect(link.path, timeout=float("inf"))
+            link.connected.set()
             try:
                 while True:
                     header, *frames = await link.channel.recv()
@@ -134,6 +165,7 @@ class CpuWorker:
                 )
             finally:
                 link.channel = None
+                link.connected.clear()
                 for future, segments in link.pending.values():
                     for segment in segments:
                         self.pool.release(segment)
@@ -160,15 +192,17 @@ class CpuWorker:
 
     async def run_job(self, job: msg.Job, body: bytes) -> None:
         started = time.monotonic()
+        timings: dict[str, float] = {}
         service = self.services.get(job.service)
         if service is None:
             reply = error_reply(NotFound(f"no service named {job.service!r}"))
         else:
             request = Request(body, job.content_type, job.headers, self.cfg.max_image_pixels)
             reply = await invoke_service(
-                service, request, self.make_infer(job.service, job.deadline)
+                service, request, self.make_infer(job.service, job.deadline, timings)
             )
-        reply.timings["worker_ms"] = (time.monotonic() - started) * 1000
+        timings["worker_ms"] = (time.monotonic() - started) * 1000
+        reply.timings.update(timings)
         header = msg.JobReply(
             job.id, reply.status, reply.content_type, reply.timings, reply.headers
         )
@@ -179,6 +213,8 @@ class CpuWorker:
     async def serve(self) -> None:
         for link in self.links:
             self._spawn(self.engine_link(link))
+        for link in self.links:  # ready means able to reach every engine
+            await link.connected.wait()
         self.front = await chan.connect(self.cfg.socket_path("front"), timeout=float("inf"))
         hello = msg.WorkerHello(self.index, os.getpid(), self.cfg.worker_concurrency)
         self.front.send([msg.encode(hello)])

@@ -63,7 +63,11 @@ class ModelRunner(threading.Thread):
                 own_limit,
             )
         self.batcher = Batcher(
-            max_batch, model.max_delay_ms / 1000.0, model.pad_axes, model.pad_value
+            max_batch,
+            model.max_delay_ms / 1000.0,
+            model.pad_axes,
+            model.pad_value,
+            pad_bucket=model.pad_bucket,
         )
         self.pool = pool
         self.deliver = deliver

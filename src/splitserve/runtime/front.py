@@ -105,6 +105,7 @@ class SplitDispatcher:
         except TimeoutError:
             raise DeadlineExceeded("the request did not finish before its deadline") from None
         reply.timings["front_queue_ms"] = queued_ms
+        reply.timings["front_ms"] = (time.monotonic() - arrived) * 1000
         return reply
 
     def _finish(self, worker: WorkerSlot, job_id: int, reply: Reply | BaseException) -> None:
@@ -134,13 +135,11 @@ class SplitDispatcher:
                 header, *frames = await channel.recv()
                 reply = msg.front_decoder.decode(header)
                 if isinstance(reply, msg.JobReply):
-                    timings = ",".join(f"{k}={v:.3f}" for k, v in reply.timings.items())
-                    headers = {**reply.headers, "X-Splitserve-Timings": timings}
                     body = bytes(frames[0]) if frames else b""
                     self._finish(
                         worker,
                         reply.id,
-                        Reply(reply.status, reply.content_type, body, reply.timings, headers),
+                        Reply(reply.status, reply.content_type, body, reply.timings, reply.headers),
                     )
         finally:
             del self.workers[channel]
