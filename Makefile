@@ -1,0 +1,30 @@
+# The two set-up commands of the README; each makes its own virtual environment.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+.PHONY: serve test lint clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+# Serve the built-in OCR demo (ONNX Runtime on the CPU) in split mode.
+serve: $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[ocr]'
+	$(BIN)/splitserve serve examples.ocr.service:OCRService --host $(HOST) --port $(PORT)
+
+# Install everything the tests need, then run the whole suite.
+test: $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[ocr,dev]'
+	$(BIN)/python examples/noop/make_model.py
+	$(BIN)/python -m pytest -q
+
+lint: $(BIN)/python
+	$(BIN)/ruff check src tests examples benchmarks
+	$(BIN)/ruff format --check src tests examples benchmarks
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info tests/_models examples/noop/identity.onnx

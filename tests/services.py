@@ -1,0 +1,97 @@
+"""Services the tests serve: small real ONNX models, knobs to misbehave on request."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import splitserve
+
+MODEL_DIR = Path(__file__).resolve().parent / "_models"
+
+
+def make_models() -> None:
+    """Write the test models (identity graphs; one with its batch axis fixed at 1)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from examples.noop.make_model import make_identity_model
+
+    MODEL_DIR.mkdir(exist_ok=True)
+    make_identity_model(MODEL_DIR / "identity.onnx")
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "n"])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "n"])
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "one", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(MODEL_DIR / "identity_batch1.onnx"))
+
+
+class Echo(splitserve.Service):
+    """JSON {"values": [...], "rows": k, "sleep_ms": t, "crash": bool} -> the values back.
+
+    ``rows`` repeats the values as k rows of one request; ``sleep_ms`` busies the CPU
+    worker; ``crash`` ends the worker process abruptly, as a segfault would.
+    """
+
+    name = "echo"
+    model = splitserve.Model(str(MODEL_DIR / "identity.onnx"), max_batch_size=8, max_delay_ms=20)
+
+    def preprocess(self, request: splitserve.Request) -> dict[str, np.ndarray]:
+        if not request.is_json:
+            if not request.body or len(request.body) % 4:
+                raise splitserve.BadRequest("raw body must be float32 values")
+            return {"x": np.frombuffer(request.body, dtype=np.float32)[None, :]}
+        values = request.json_field("values", list)
+        doc = request.json()
+        if doc.get("crash"):
+            os._exit(3)
+        if doc.get("sleep_ms"):
+            time.sleep(doc["sleep_ms"] / 1000)
+        rows = int(doc.get("rows", 1))
+        arr = np.asarray(values, dtype=np.float32)
+        return {"x": np.repeat(arr[None, :], rows, axis=0)}
+
+    def postprocess(self, outputs: splitserve.Tensors, request: splitserve.Request) -> Any:
+        y = outputs["y"]
+        if not request.is_json:
+            return y.tobytes()
+        return {"values": y.tolist(), "shape": list(y.shape)}
+
+
+class FixedOne(Echo):
+    """The same, on a model whose batch axis is fixed at 1: rows run one by one."""
+
+    name = "fixed_one"
+    model = splitserve.Model(
+        str(MODEL_DIR / "identity_batch1.onnx"), max_batch_size=8, max_delay_ms=5
+    )
+
+
+class Padded(Echo):
+    """Variable-length rows share batches, zero-padded along axis 1."""
+
+    name = "padded"
+    model = splitserve.Model(
+        str(MODEL_DIR / "identity.onnx"), max_batch_size=16, max_delay_ms=50, pad_axes={"x": (1,)}
+    )
+
+
+class Pipeline(splitserve.Service):
+    """Two models called from ``handle`` with CPU work between them."""
+
+    name = "pipeline"
+    models = {
+        "first": splitserve.Model(str(MODEL_DIR / "identity.onnx")),
+        "second": splitserve.Model(str(MODEL_DIR / "identity.onnx"), replicas=2),
+    }
+
+    async def handle(self, request: splitserve.Request, infer) -> Any:
+        values = np.asarray(request.json_field("values", list), dtype=np.float32)[None, :]
+        first = await infer("first", {"x": values})
+        second = await infer("second", {"x": first["y"] * 2})
+        return {"values": second["y"][0].tolist()}
