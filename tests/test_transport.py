@@ -108,14 +108,17 @@ def test_channel_carries_multipart_messages_both_ways() -> None:
         client.close()
         server.close()
         await server.wait_closed()
+
         # a peer that went away is a ChannelClosed, not a hang
-        other = await chan.serve(path + "2", echo)
+        async def hang_up(channel: chan.Channel) -> None:
+            await channel.recv()  # then return: serve() closes the connection
+
+        other = await chan.serve(path + "2", hang_up)
         c2 = await chan.connect(path + "2", timeout=5)
-        other.close()
-        for writer_task in asyncio.all_tasks() - {asyncio.current_task()}:
-            writer_task.cancel()
+        c2.send([b"bye"])
         with pytest.raises(chan.ChannelClosed):
             await asyncio.wait_for(c2.recv(), 5)
+        other.close()
 
     asyncio.run(scenario())
 

@@ -5,8 +5,10 @@ The contract:
 - A request's rows (its inputs' axis 0) count toward ``max_batch_size``; a request with
   more rows than that is split over several batches and answered once all its rows ran.
 - A batch is formed as soon as ``max_batch_size`` compatible rows wait, or when the
-  oldest request has waited ``max_delay_s``, or at once when, going by the recent
-  arrival rate, no other request is expected before then (a lone client pays no delay).
+  oldest request has waited ``max_delay_s``, or at once when the average gap between
+  arrivals says none is expected before then, or when none came for two such gaps: a
+  lone client, or a burst whose senders all wait on this batch, pays no batching
+  delay, while a steady stream still fills the batch.
 - Requests are compatible when their inputs agree in dtype and in every axis but the
   batch axis and the model's declared ``pad_axes``; along those, smaller inputs are
   padded with ``pad_value`` to the largest in the batch (within ``pad_bucket``
@@ -132,7 +134,7 @@ class Batcher:
         self._cond = threading.Condition()
         self._closed = False
         # Exponential average of the time between arrivals: waiting for more rows pays
-        # only when the next request is expected before the oldest one is due.
+        # only while requests keep arriving at about that pace.
         self._gap_s = float("inf")
         self._last_arrival = 0.0
 
@@ -199,15 +201,18 @@ class Batcher:
                         r.rows - r.taken for r in self._queue if r.signature == head.signature
                     )
                     due = head.arrived + self.max_delay_s
-                    next_expected = self._last_arrival + self._gap_s
+                    # No arrival for two average gaps: the burst is over (the clients
+                    # may all be waiting on this very batch), so waiting cannot pay.
+                    quiet_at = self._last_arrival + 2 * self._gap_s
                     if (
                         ready_rows >= self.max_batch_size
                         or now >= due
+                        or now >= quiet_at
+                        or self._last_arrival + self._gap_s > due  # none expected in time
                         or self._closed
-                        or next_expected > due
                     ):
                         return self._form(head.signature), expired
-                    wait_until = due if end is None else min(due, end)
+                    wait_until = min(due, quiet_at) if end is None else min(due, quiet_at, end)
                 if expired or self._closed:
                     return None, expired
                 if end is not None and now >= end:

@@ -23,8 +23,9 @@ from collections.abc import Awaitable, Callable, Sequence
 # through shared memory and only their description crosses the socket.
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 MAX_FRAMES = 1024
-# Stream buffer: one read syscall takes a whole small message.
-READ_LIMIT = 1 << 20
+# Stream buffer size: asyncio pauses reading past twice this, so it must hold an
+# inline tensor that the pool could not place (messages up to a few MiB) in one go.
+READ_LIMIT = 8 << 20
 
 _U32 = struct.Struct("<I")
 

@@ -2,7 +2,7 @@
 
 One asyncio loop per process. A job's pre/post-processing runs on the loop; while the
 job awaits an engine, the loop runs other jobs' CPU work (the front caps how many jobs a
-worker holds). Inference calls go to the engine processes over DEALER sockets; tensors
+worker holds). Inference calls go to the engine processes over Unix sockets; tensors
 above the inline threshold go through this process's shared-memory pool.
 """
 

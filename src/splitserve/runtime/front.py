@@ -92,12 +92,16 @@ class SplitDispatcher:
     ) -> Reply:
         arrived = time.monotonic()
         worker = await self._acquire(deadline)
+        queued_ms = (time.monotonic() - arrived) * 1000
         job_id = next(self._ids)
         future = asyncio.get_running_loop().create_future()
         worker.jobs[job_id] = future
         job = msg.Job(job_id, service, content_type, deadline, headers)
-        worker.channel.send([msg.encode(job), body])
-        queued_ms = (time.monotonic() - arrived) * 1000
+        try:
+            worker.channel.send([msg.encode(job), body])
+        except chan.ChannelClosed:
+            worker.jobs.pop(job_id, None)
+            raise Unavailable("the CPU worker for this request just went away; retry") from None
         try:
             reply: Reply = await asyncio.wait_for(
                 asyncio.shield(future), deadline - time.monotonic()

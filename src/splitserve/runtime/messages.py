@@ -1,8 +1,8 @@
 """Typed message headers exchanged between the processes (msgpack via msgspec).
 
-Every ZeroMQ message is ``[header, *payload_frames]``: the header is one of the structs
-below, tensors and bodies ride in the payload frames or in shared memory, never inside
-the header and never through pickle.
+Every message is ``[header, *payload_frames]`` (see channel.py): the header is one of the
+structs below; tensors and bodies ride in the payload frames or in shared memory, never
+inside the header and never through pickle.
 """
 
 from __future__ import annotations

@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
+import sys
 import threading
 import time
 from collections.abc import Mapping
@@ -122,5 +124,9 @@ def serve_threaded(cfg: ServerConfig) -> int:
         yield
         dispatcher.pool.shutdown(wait=False, cancel_futures=True)
 
+    # uvicorn re-raises the signal that stopped it once it has shut down: make that a
+    # normal exit, as in split mode.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: sys.exit(0))
     serve_app(create_app(dispatcher, cfg, dispatcher.catalogue, lifespan=lifespan), cfg)
     return 0

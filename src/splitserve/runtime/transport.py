@@ -1,8 +1,8 @@
 """Tensors in and out of messages: inline zero-copy frames or shared memory.
 
-A tensor at or under ``INLINE_MAX_BYTES`` travels as a ZeroMQ frame of its own (sent
-from the array's buffer without a copy); a larger one is written once into the
-sender's shared-memory pool and read in place by the receiver.
+A tensor at or under ``INLINE_MAX_BYTES`` travels as a frame of its own in the message
+(written from the array's buffer, no extra copy); a larger one is written once into
+the sender's shared-memory pool and read in place by the receiver.
 """
 
 from __future__ import annotations
@@ -15,9 +15,10 @@ import numpy as np
 from splitserve.runtime.messages import TensorRef
 from splitserve.runtime.shm import ShmAttachments, ShmPool
 
-# Measured by benchmarks/transport.py (docs/benchmarks.md): below ~64 KiB an inline
-# frame costs less than a shared-memory write plus the release message it needs;
-# above it a ZeroMQ ipc frame goes through the kernel socket twice and falls behind.
+# Measured by benchmarks/transport.py (docs/benchmarks.md): up to 16 KiB both ways
+# cost the same; from 32 KiB shared memory wins (an inline frame crosses the kernel
+# socket, copied in and out), by ~5 us at 64 KiB and ~2x from 1 MiB. Outputs through
+# shared memory also cost a Release message, so the switch stays at 64 KiB.
 INLINE_MAX_BYTES = 64 * 1024
 
 # dtypes a tensor may have on the wire: numeric only, so a header can never make the
