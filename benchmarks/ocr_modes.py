@@ -1,0 +1,128 @@
+"""OCR demo: threaded mode against split mode, same images, same load, one run.
+
+Each server configuration is started, checked (its answers must equal RapidOCR's on
+the benchmark images), loaded in a closed loop at each concurrency, and stopped before
+the next one starts, so they never share the cores.
+
+    python benchmarks/ocr_modes.py [--quick] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from loadgen import free_port, machine, run_closed_loop, start_server, stop_server
+
+from examples.ocr.compare import compare_ocr
+from examples.ocr.make_images import generate_documents
+
+OCR = "examples.ocr.service:OCRService"
+
+# name -> extra `splitserve serve` arguments
+CONFIGS: dict[str, list[str]] = {
+    "threaded, 8 threads": ["--mode", "threaded", "--threads", "8"],
+    "threaded, 2 threads": ["--mode", "threaded", "--threads", "2"],
+    "split, 1 CPU worker": ["--cpu-workers", "1", "--worker-concurrency", "8"],
+    "split, 2 CPU workers": ["--cpu-workers", "2", "--worker-concurrency", "8"],
+    "split, 3 CPU workers": ["--cpu-workers", "3", "--worker-concurrency", "6"],
+}
+
+
+def check_answers(url: str, images: list[bytes], references: list[Any]) -> float:
+    """Every image's answer equals RapidOCR's; returns the largest score difference."""
+    worst = 0.0
+    for data, ref in zip(images, references, strict=True):
+        req = urllib.request.Request(url, data=data, method="POST")
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            diff = compare_ocr(json.loads(resp.read()), ref)
+        if not diff["equivalent"]:
+            raise AssertionError(f"answer differs from RapidOCR: {diff}")
+        worst = max(worst, diff["max_score_diff"])
+    return worst
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="short runs (a smoke test)")
+    parser.add_argument("--duration", type=float, default=30.0, help="measured seconds")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[4, 16])
+    parser.add_argument("--images", type=int, default=8)
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    duration, warmup = (4.0, 2.0) if args.quick else (args.duration, 5.0)
+
+    from rapidocr_onnxruntime import RapidOCR
+
+    paths = generate_documents(Path(tempfile.mkdtemp(prefix="ocr-bench-")), args.images, seed=11)
+    images = [p.read_bytes() for p in paths]
+    reference_engine = RapidOCR()
+    references = [reference_engine(data) for data in images]
+    del reference_engine
+
+    rows: list[dict[str, Any]] = []
+    for name in args.configs:
+        port = free_port()
+        proc = start_server([OCR, *CONFIGS[name]], port)
+        url = f"http://127.0.0.1:{port}/v1/services/ocr"
+        try:
+            worst = check_answers(url, images, references)
+            for concurrency in args.concurrency:
+                result = run_closed_loop(
+                    url, images, "image/jpeg", concurrency, duration, warmup, max_requests=100_000
+                )
+                rows.append(
+                    {
+                        "config": name,
+                        "concurrency": concurrency,
+                        "max_score_diff": worst,
+                        **result.to_dict(),
+                        "engine_rows_median": result.median_of(
+                            lambda _lat, t: (
+                                t.get("engine_batch_rows", 0) / max(1, t.get("infer_calls", 1))
+                            )
+                        ),
+                    }
+                )
+                r = rows[-1]
+                print(
+                    f"{name:24s} c={concurrency:<3d} {r['rps']:6.2f} req/s"
+                    f"  p50 {r['p50_ms']:7.1f} ms  p99 {r['p99_ms']:7.1f} ms  errors {r['errors']}",
+                    flush=True,
+                )
+        finally:
+            stop_server(proc)
+
+    print("\n| configuration | concurrency | requests/s | p50 ms | p99 ms | errors |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        print(
+            f"| {r['config']} | {r['concurrency']} | {r['rps']:.2f} | {r['p50_ms']:.0f} | "
+            f"{r['p99_ms']:.0f} | {sum(r['errors'].values())} |"
+        )
+    for concurrency in args.concurrency:
+        at = [r for r in rows if r["concurrency"] == concurrency]
+        best_threaded = max((r["rps"] for r in at if r["config"].startswith("threaded")), default=0)
+        best_split = max((r["rps"] for r in at if r["config"].startswith("split")), default=0)
+        if best_threaded:
+            print(
+                f"concurrency {concurrency}: best split / best threaded = "
+                f"{best_split / best_threaded:.2f}"
+            )
+    if args.json:
+        out = {"machine": machine(), "images": len(images), "rows": rows}
+        args.json.write_text(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
