@@ -254,6 +254,10 @@ async def closed_loop(
     stop_at = measure_from + duration_s
     window_end = measure_from
     cpu_at_measure: list[float] = []
+    # Completion times inside the measured window, whenever the request started: the
+    # throughput counts these, so requests sent during the warm-up that finish in the
+    # window are not lost (they would bias requests/s down when latency is long).
+    completions: list[float] = []
 
     async def run_client(index: int, conn: _AiohttpClient | _RawClient) -> None:
         nonlocal issued, warmup_sent, window_end
@@ -284,6 +288,8 @@ async def closed_loop(
                 if measured:
                     errors[type(exc).__name__] += 1
             t1 = time.perf_counter()
+            if measure_from <= t1 <= stop_at:
+                completions.append(t1)
             if not measured:
                 continue
             if status != -1:
@@ -300,6 +306,8 @@ async def closed_loop(
     answered = len(samples)
     ok_samples = [(lat, raw) for lat, status, raw in samples if 200 <= status < 300]
     window = max(window_end - measure_from, 1e-9)
+    # Throughput window: to stop_at, or to the last answer when max_requests ended it early.
+    rate_end = min(stop_at, window_end)
     # Latency percentiles are over the 2xx answers (over all answers when none was 2xx).
     lat_ok = sorted(lat for lat, _ in ok_samples) or sorted(lat for lat, _, _ in samples)
     fields: dict[str, list[float]] = {}
@@ -315,7 +323,7 @@ async def closed_loop(
         warmup_requests=warmup_sent,
         ok=len(ok_samples),
         duration_s=window,
-        rps=answered / window if answered else 0.0,
+        rps=sum(1 for t in completions if t <= rate_end) / max(rate_end - measure_from, 1e-9),
         p50_ms=percentile(lat_ok, 50),
         p90_ms=percentile(lat_ok, 90),
         p99_ms=percentile(lat_ok, 99),

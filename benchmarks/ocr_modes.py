@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import urllib.request
@@ -34,6 +35,26 @@ CONFIGS: dict[str, list[str]] = {
     "split, 1 CPU worker": ["--cpu-workers", "1", "--worker-concurrency", "8"],
     "split, 2 CPU workers": ["--cpu-workers", "2", "--worker-concurrency", "8"],
     "split, 3 CPU workers": ["--cpu-workers", "3", "--worker-concurrency", "6"],
+    "split, 2 CPU workers, 2 engines x 1 thread": [
+        "--cpu-workers",
+        "2",
+        "--worker-concurrency",
+        "8",
+        "--engine-replicas",
+        "2",
+        "--engine-threads",
+        "1",
+    ],
+    "split, 1 CPU worker, 2 engines x 1 thread": [
+        "--cpu-workers",
+        "1",
+        "--worker-concurrency",
+        "16",
+        "--engine-replicas",
+        "2",
+        "--engine-threads",
+        "1",
+    ],
 }
 
 
@@ -50,6 +71,25 @@ def check_answers(url: str, images: list[bytes], references: list[Any]) -> float
     return worst
 
 
+def summarise(rows: list[dict[str, Any]], configs: list[str], levels: list[int]) -> list[dict]:
+    """Per configuration and concurrency: the medians over rounds."""
+    out = []
+    for name in configs:
+        for concurrency in levels:
+            runs = [r for r in rows if r["config"] == name and r["concurrency"] == concurrency]
+            out.append(
+                {
+                    "config": name,
+                    "concurrency": concurrency,
+                    "rps": statistics.median(r["rps"] for r in runs),
+                    "p50_ms": statistics.median(r["p50_ms"] for r in runs),
+                    "p99_ms": statistics.median(r["p99_ms"] for r in runs),
+                    "errors": sum(sum(r["errors"].values()) for r in runs),
+                }
+            )
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="short runs (a smoke test)")
@@ -57,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[4, 16])
     parser.add_argument("--images", type=int, default=8)
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     duration, warmup = (4.0, 2.0) if args.quick else (args.duration, 5.0)
@@ -70,56 +111,52 @@ def main(argv: list[str] | None = None) -> int:
     del reference_engine
 
     rows: list[dict[str, Any]] = []
-    for name in args.configs:
-        port = free_port()
-        proc = start_server([OCR, *CONFIGS[name]], port)
-        url = f"http://127.0.0.1:{port}/v1/services/ocr"
-        try:
-            worst = check_answers(url, images, references)
-            for concurrency in args.concurrency:
-                result = run_closed_loop(
-                    url, images, "image/jpeg", concurrency, duration, warmup, max_requests=100_000
-                )
-                rows.append(
-                    {
-                        "config": name,
-                        "concurrency": concurrency,
-                        "max_score_diff": worst,
-                        **result.to_dict(),
-                        "engine_rows_median": result.median_of(
-                            lambda _lat, t: (
-                                t.get("engine_batch_rows", 0) / max(1, t.get("infer_calls", 1))
-                            )
-                        ),
-                    }
-                )
-                r = rows[-1]
-                print(
-                    f"{name:24s} c={concurrency:<3d} {r['rps']:6.2f} req/s"
-                    f"  p50 {r['p50_ms']:7.1f} ms  p99 {r['p99_ms']:7.1f} ms  errors {r['errors']}",
-                    flush=True,
-                )
-        finally:
-            stop_server(proc)
+    for round_no in range(args.rounds):  # rounds interleave configs: drift hits all alike
+        for name in args.configs:
+            port = free_port()
+            proc = start_server([OCR, *CONFIGS[name]], port)
+            url = f"http://127.0.0.1:{port}/v1/services/ocr"
+            try:
+                worst = check_answers(url, images, references)
+                for concurrency in args.concurrency:
+                    result = run_closed_loop(
+                        url, images, "image/jpeg", concurrency, duration, warmup, 100_000
+                    )
+                    rows.append(
+                        {
+                            "config": name,
+                            "round": round_no,
+                            "max_score_diff": worst,
+                            **result.to_dict(),
+                        }
+                    )
+                    print(
+                        f"round {round_no} {name:44s} c={concurrency:<3d} "
+                        f"{result.rps:6.2f} req/s  p50 {result.p50_ms:7.0f} ms"
+                        f"  p99 {result.p99_ms:7.0f} ms  errors {result.errors}",
+                        flush=True,
+                    )
+            finally:
+                stop_server(proc)
 
-    print("\n| configuration | concurrency | requests/s | p50 ms | p99 ms | errors |")
+    summary = summarise(rows, args.configs, args.concurrency)
+    print(f"\nmedians over {args.rounds} round(s), {duration:.0f} s measured each")
+    print("| configuration | concurrency | requests/s | p50 ms | p99 ms | errors |")
     print("| --- | --- | --- | --- | --- | --- |")
-    for r in rows:
+    for r in summary:
         print(
             f"| {r['config']} | {r['concurrency']} | {r['rps']:.2f} | {r['p50_ms']:.0f} | "
-            f"{r['p99_ms']:.0f} | {sum(r['errors'].values())} |"
+            f"{r['p99_ms']:.0f} | {r['errors']} |"
         )
     for concurrency in args.concurrency:
-        at = [r for r in rows if r["concurrency"] == concurrency]
-        best_threaded = max((r["rps"] for r in at if r["config"].startswith("threaded")), default=0)
-        best_split = max((r["rps"] for r in at if r["config"].startswith("split")), default=0)
-        if best_threaded:
-            print(
-                f"concurrency {concurrency}: best split / best threaded = "
-                f"{best_split / best_threaded:.2f}"
-            )
+        at = [r for r in summary if r["concurrency"] == concurrency]
+        threaded = max((r["rps"] for r in at if r["config"].startswith("threaded")), default=0)
+        split = max((r["rps"] for r in at if r["config"].startswith("split")), default=0)
+        if threaded:
+            print(f"concurrency {concurrency}: best split / best threaded = {split / threaded:.3f}")
+    print(f"largest score difference from RapidOCR: {max(r['max_score_diff'] for r in rows):.5f}")
     if args.json:
-        out = {"machine": machine(), "images": len(images), "rows": rows}
+        out = {"machine": machine(), "images": len(images), "summary": summary, "rows": rows}
         args.json.write_text(json.dumps(out, indent=2))
     return 0
 
