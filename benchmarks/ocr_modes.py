@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 import urllib.request
@@ -21,7 +20,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from loadgen import free_port, machine, run_closed_loop, start_server, stop_server
+from loadgen import machine
+from modes import print_summary, run_configs, summarise
 
 from examples.ocr.compare import compare_ocr
 from examples.ocr.make_images import generate_documents
@@ -71,25 +71,6 @@ def check_answers(url: str, images: list[bytes], references: list[Any]) -> float
     return worst
 
 
-def summarise(rows: list[dict[str, Any]], configs: list[str], levels: list[int]) -> list[dict]:
-    """Per configuration and concurrency: the medians over rounds."""
-    out = []
-    for name in configs:
-        for concurrency in levels:
-            runs = [r for r in rows if r["config"] == name and r["concurrency"] == concurrency]
-            out.append(
-                {
-                    "config": name,
-                    "concurrency": concurrency,
-                    "rps": statistics.median(r["rps"] for r in runs),
-                    "p50_ms": statistics.median(r["p50_ms"] for r in runs),
-                    "p99_ms": statistics.median(r["p99_ms"] for r in runs),
-                    "errors": sum(sum(r["errors"].values()) for r in runs),
-                }
-            )
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="short runs (a smoke test)")
@@ -110,50 +91,21 @@ def main(argv: list[str] | None = None) -> int:
     references = [reference_engine(data) for data in images]
     del reference_engine
 
-    rows: list[dict[str, Any]] = []
-    for round_no in range(args.rounds):  # rounds interleave configs: drift hits all alike
-        for name in args.configs:
-            port = free_port()
-            proc = start_server([OCR, *CONFIGS[name]], port)
-            url = f"http://127.0.0.1:{port}/v1/services/ocr"
-            try:
-                worst = check_answers(url, images, references)
-                for concurrency in args.concurrency:
-                    result = run_closed_loop(
-                        url, images, "image/jpeg", concurrency, duration, warmup, 100_000
-                    )
-                    rows.append(
-                        {
-                            "config": name,
-                            "round": round_no,
-                            "max_score_diff": worst,
-                            **result.to_dict(),
-                        }
-                    )
-                    print(
-                        f"round {round_no} {name:44s} c={concurrency:<3d} "
-                        f"{result.rps:6.2f} req/s  p50 {result.p50_ms:7.0f} ms"
-                        f"  p99 {result.p99_ms:7.0f} ms  errors {result.errors}",
-                        flush=True,
-                    )
-            finally:
-                stop_server(proc)
-
-    summary = summarise(rows, args.configs, args.concurrency)
+    rows = run_configs(
+        OCR,
+        "ocr",
+        {name: CONFIGS[name] for name in args.configs},
+        images,
+        "image/jpeg",
+        args.concurrency,
+        rounds=args.rounds,
+        duration_s=duration,
+        warmup_s=warmup,
+        check=lambda url: {"max_score_diff": check_answers(url, images, references)},
+    )
+    summary = summarise(rows)
     print(f"\nmedians over {args.rounds} round(s), {duration:.0f} s measured each")
-    print("| configuration | concurrency | requests/s | p50 ms | p99 ms | errors |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    for r in summary:
-        print(
-            f"| {r['config']} | {r['concurrency']} | {r['rps']:.2f} | {r['p50_ms']:.0f} | "
-            f"{r['p99_ms']:.0f} | {r['errors']} |"
-        )
-    for concurrency in args.concurrency:
-        at = [r for r in summary if r["concurrency"] == concurrency]
-        threaded = max((r["rps"] for r in at if r["config"].startswith("threaded")), default=0)
-        split = max((r["rps"] for r in at if r["config"].startswith("split")), default=0)
-        if threaded:
-            print(f"concurrency {concurrency}: best split / best threaded = {split / threaded:.3f}")
+    print_summary(summary)
     print(f"largest score difference from RapidOCR: {max(r['max_score_diff'] for r in rows):.5f}")
     if args.json:
         out = {"machine": machine(), "images": len(images), "summary": summary, "rows": rows}

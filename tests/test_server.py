@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -129,3 +130,33 @@ def test_bad_and_good_requests_together(server: Server) -> None:
         assert r.status_code == status, (i, r.text)
         if status == 200:
             assert r.json()["values"] == [[float(i)]]
+
+
+def test_stats_count_requests_batches_and_engine_time(server: Server) -> None:
+    before = server.client.get("/v1/stats").json()
+    for i in range(5):
+        assert server.post("echo", json={"values": [i], "rows": 3}).status_code == 200
+    assert server.post("echo", json={"value": 1}).status_code == 422
+
+    def grown() -> dict | None:
+        stats = server.client.get("/v1/stats").json()
+        model = stats["models"].get("echo/model", {"rows": 0})
+        return (
+            stats
+            if model["rows"] - before["models"].get("echo/model", {"rows": 0})["rows"] >= 15
+            else None
+        )
+
+    deadline = time.monotonic() + 10  # engines report once a second
+    while (after := grown()) is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert after is not None, server.client.get("/v1/stats").json()
+    assert after["mode"] == server.mode
+    assert after["requests"]["total"] - before["requests"]["total"] == 6
+    assert after["requests"]["by_status"]["422"] >= 1
+    model = after["models"]["echo/model"]
+    assert model["backend"] == "onnxruntime" and model["simulated"] is False
+    assert model["batches"] >= 1 and model["busy_s"] > 0
+    assert sum(int(k) * v for k, v in model["batch_sizes"].items()) == model["rows"]
+    assert after["stages_ms"]["worker"]["count"] >= 6
+    assert after["engines"]["0"]["busy_s"] > 0

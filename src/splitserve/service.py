@@ -41,7 +41,7 @@ class Model:
     intra-op thread count for this model.
     """
 
-    path: str
+    path: str = ""
     backend: str = "onnxruntime"
     max_batch_size: int = 8
     max_delay_ms: float = 2.0
@@ -53,6 +53,8 @@ class Model:
     options: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if not self.path and self.backend != "simulated":
+            raise ValueError(f"a {self.backend} model needs a path")
         if self.max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
         if self.max_delay_ms < 0:

@@ -75,12 +75,23 @@ class Engine(abc.ABC):
         return {}
 
 
-def create_engine(model: Model, path: Path, *, threads: int | None) -> Engine:
-    """Instantiate the backend named by ``model.backend`` (imports it only now)."""
+BACKENDS = ("onnxruntime", "simulated")
+
+
+def create_engine(
+    model: Model, path: Path, *, threads: int | None, run_dir: Path | None = None
+) -> Engine:
+    """Instantiate the backend named by ``model.backend`` (imports it only now).
+
+    ``run_dir`` is the server's run directory: engines of one server that share a
+    device (the simulated one) coordinate through it.
+    """
     if model.backend == "onnxruntime":
         from splitserve.engines.onnxruntime import OnnxRuntimeEngine
 
         return OnnxRuntimeEngine(path, threads=model.threads or threads, options=model.options)
-    raise ValueError(
-        f"unknown backend {model.backend!r} for {path.name}; available here: onnxruntime"
-    )
+    if model.backend == "simulated":
+        from splitserve.engines.simulated import SimulatedEngine
+
+        return SimulatedEngine(model.options, run_dir)
+    raise ValueError(f"unknown backend {model.backend!r} for {path.name}; available: {BACKENDS}")

@@ -4,6 +4,8 @@ Routes:
 - ``POST /v1/services/{name}``: the body is the request (raw image bytes, or JSON); the
   answer is the service's result as JSON (or bytes).
 - ``GET /v1/services``: the served services and their models.
+- ``GET /v1/stats``: cumulative counters (requests, per-stage times, batches, engine
+  busy time) for load generators; see runtime/stats.py.
 - ``GET /health/live``: the process answers. ``GET /health/ready``: every engine has
   loaded and warmed up, and at least one CPU worker is ready (503 until then).
 
@@ -25,12 +27,18 @@ from starlette.routing import Route
 from splitserve.config import ServerConfig
 from splitserve.errors import BadRequest, NotFound, PayloadTooLarge, ServiceError
 from splitserve.runtime.invoke import Reply, error_reply
+from splitserve.runtime.messages import EngineStats
+from splitserve.runtime.stats import RequestStats
 
 
 class Dispatcher(Protocol):
     """Runs a service on a request somewhere (worker processes, or request threads)."""
 
+    mode: str
+
     def ready(self) -> bool: ...
+
+    def engine_stats(self) -> list[EngineStats]: ...
 
     async def dispatch(
         self, service: str, body: bytes, content_type: str, headers: dict[str, str], deadline: float
@@ -74,6 +82,8 @@ def create_app(
 ) -> Starlette:
     """The ASGI app; ``catalogue`` maps service names to a description of their models."""
 
+    request_stats = RequestStats()
+
     async def infer(request: HttpRequest) -> Response:
         name = request.path_params["name"]
         try:
@@ -87,7 +97,11 @@ def create_app(
             )
         except ServiceError as exc:
             reply = error_reply(exc)
+        request_stats.record(reply.status, reply.timings)
         return _response(reply)
+
+    async def stats(_: HttpRequest) -> Response:
+        return JSONResponse(request_stats.snapshot(dispatcher.mode, dispatcher.engine_stats()))
 
     async def services(_: HttpRequest) -> Response:
         return JSONResponse({"services": catalogue})
@@ -103,6 +117,7 @@ def create_app(
     routes = [
         Route("/v1/services/{name}", infer, methods=["POST"]),
         Route("/v1/services", services, methods=["GET"]),
+        Route("/v1/stats", stats, methods=["GET"]),
         Route("/health/live", live, methods=["GET"]),
         Route("/health/ready", ready, methods=["GET"]),
     ]

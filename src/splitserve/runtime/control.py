@@ -6,6 +6,7 @@ a few small messages a second, so its per-message latency does not matter.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import AsyncIterator
 
@@ -16,13 +17,27 @@ from splitserve.config import ServerConfig
 from splitserve.runtime import messages as msg
 
 
+class ControlSender:
+    """A child's line to the supervisor (never blocks: the supervisor may be busy)."""
+
+    def __init__(self, cfg: ServerConfig) -> None:
+        self.socket = zmq.Context.instance().socket(zmq.PUSH)
+        self.socket.setsockopt(zmq.SNDHWM, 16)
+        self.socket.connect(cfg.control_endpoint("control"))
+
+    def send(self, message: msg.ChildReady | msg.EngineStats) -> None:
+        with contextlib.suppress(zmq.Again):
+            self.socket.send(msg.encode(message), zmq.NOBLOCK)
+
+    def close(self) -> None:
+        self.socket.close(linger=2000)
+
+
 def report_ready(cfg: ServerConfig, role: str, index: int) -> None:
     """Tell the supervisor this child is ready to serve."""
-    ctx = zmq.Context.instance()
-    sock = ctx.socket(zmq.PUSH)
-    sock.connect(cfg.control_endpoint("control"))
-    sock.send(msg.encode(msg.ChildReady(role, index, os.getpid())))
-    sock.close(linger=2000)
+    sender = ControlSender(cfg)
+    sender.send(msg.ChildReady(role, index, os.getpid()))
+    sender.close()
 
 
 async def server_states(cfg: ServerConfig) -> AsyncIterator[msg.ServerState]:

@@ -137,6 +137,8 @@ class CpuWorker:
             ("engine_batch_rows", reply.batch_size),
         ):
             timings[name] = timings.get(name, 0) + value
+        if reply.simulated:
+            timings["simulated_accelerator"] = 1
         return outputs
 
     def _release_outputs(self, link: EngineLink, reply: msg.InferReply) -> None:

@@ -16,10 +16,12 @@ import asyncio
 import atexit
 import contextlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from splitserve.config import ServerConfig
 from splitserve.engines.base import Engine, create_engine
@@ -27,9 +29,10 @@ from splitserve.errors import BadRequest, DeadlineExceeded, NotFound, error_stat
 from splitserve.runtime import channel as chan
 from splitserve.runtime import messages as msg
 from splitserve.runtime.batcher import Batcher, PendingRequest
-from splitserve.runtime.control import report_ready
+from splitserve.runtime.control import ControlSender, report_ready
 from splitserve.runtime.process import become_child, run_loop
 from splitserve.runtime.shm import ShmAttachments, ShmPool
+from splitserve.runtime.stats import ModelCounters
 from splitserve.runtime.transport import TransportError, pack_tensors, unpack_tensors
 from splitserve.service import Model
 
@@ -71,6 +74,7 @@ class ModelRunner(threading.Thread):
         )
         self.pool = pool
         self.deliver = deliver
+        self.counters = ModelCounters(model.backend, getattr(engine, "simulated", False))
         self._stop = threading.Event()
 
     def stop(self) -> None:
@@ -92,7 +96,10 @@ class ModelRunner(threading.Thread):
                 for req in batch.fail():
                     self.send_error(req.key, exc)
                 continue
-            infer_ms = (time.monotonic() - started) * 1000
+            finished = time.monotonic()
+            infer_ms = (finished - started) * 1000
+            queue_ms = sum((batch.formed - r.arrived) * 1000 for r in batch.requests)
+            self.counters.record(batch.size, finished - started, queue_ms)
             for req in batch.complete(outputs):
                 self.send_outputs(req, batch.formed, infer_ms, batch.size)
 
@@ -106,6 +113,7 @@ class ModelRunner(threading.Thread):
             queue_ms=(formed - req.arrived) * 1000,
             infer_ms=infer_ms,
             batch_size=size,
+            simulated=self.counters.simulated,
         )
         self.deliver(req.key, [msg.encode(header), *frames], segments)
 
@@ -135,7 +143,7 @@ class EngineProcess:
         for key, model in models.items():
             path = classes[key.partition("/")[0]].model_path(model)
             started = time.monotonic()
-            engine = create_engine(model, path, threads=threads)
+            engine = create_engine(model, path, threads=threads, run_dir=Path(cfg.run_dir))
             self._warm_up(key, engine)
             log.info(
                 "engine %d loaded %s (%s, %d threads) in %.2fs",
@@ -175,11 +183,24 @@ class EngineProcess:
             runner.start()
         server = await chan.serve(self.cfg.engine_socket(self.index), self.on_channel)
         report_ready(self.cfg, "engine", self.index)
+        reporter = asyncio.create_task(self.report_stats())
         try:
             await server.serve_forever()
         finally:
+            reporter.cancel()
             for runner in self.runners.values():
                 runner.stop()
+
+    async def report_stats(self, interval_s: float = 1.0) -> None:
+        """Send this engine's counters to the supervisor every ``interval_s``."""
+        sender = ControlSender(self.cfg)
+        started = time.monotonic()
+        while True:
+            await asyncio.sleep(interval_s)
+            models = {key: r.counters.snapshot() for key, r in self.runners.items()}
+            sender.send(
+                msg.EngineStats(self.index, os.getpid(), time.monotonic() - started, models)
+            )
 
     async def on_channel(self, channel: chan.Channel) -> None:
         self.lent[channel] = set()

@@ -38,6 +38,8 @@ class WorkerSlot:
 
 
 class SplitDispatcher:
+    mode = "split"
+
     def __init__(self, cfg: ServerConfig) -> None:
         self.cfg = cfg
         self.tasks: list[asyncio.Task] = []
@@ -55,6 +57,9 @@ class SplitDispatcher:
     def stop(self) -> None:
         for task in self.tasks:
             task.cancel()
+
+    def engine_stats(self) -> list[msg.EngineStats]:
+        return list(self.state.engine_stats) if self.state is not None else []
 
     def ready(self) -> bool:
         return self.state is not None and self.state.ready and bool(self.workers)

@@ -70,6 +70,7 @@ class InferReply(msgspec.Struct, tag="infer_reply", array_like=True):
     queue_ms: float = 0.0
     infer_ms: float = 0.0
     batch_size: int = 0
+    simulated: bool = False  # the answer came from the simulated accelerator
 
 
 class Release(msgspec.Struct, tag="release", array_like=True):
@@ -87,6 +88,29 @@ class ChildReady(msgspec.Struct, tag="ready", array_like=True):
     pid: int
 
 
+class ModelStats(msgspec.Struct, array_like=True):
+    backend: str
+    simulated: bool = False
+    batches: int = 0
+    rows: int = 0
+    busy_s: float = 0.0
+    queue_ms_sum: float = 0.0
+    batch_sizes: dict[int, int] = {}
+
+
+class EngineStats(msgspec.Struct, tag="engine_stats", array_like=True):
+    """One engine process's counters, sent to the supervisor every second."""
+
+    index: int
+    pid: int
+    uptime_s: float
+    models: dict[str, ModelStats]
+
+    @property
+    def busy_s(self) -> float:
+        return sum(m.busy_s for m in self.models.values())
+
+
 class ServerState(msgspec.Struct, tag="state", array_like=True):
     """Broadcast by the supervisor on every change and periodically (late joiners).
 
@@ -96,6 +120,7 @@ class ServerState(msgspec.Struct, tag="state", array_like=True):
 
     engines: dict[int, int]
     workers: dict[int, int]
+    engine_stats: list[EngineStats] = []
 
     @property
     def ready(self) -> bool:
@@ -104,7 +129,7 @@ class ServerState(msgspec.Struct, tag="state", array_like=True):
 
 FrontMessage = Job | JobReply | WorkerHello
 EngineMessage = InferRequest | InferReply | Release
-ControlMessage = ChildReady | ServerState
+ControlMessage = ChildReady | ServerState | EngineStats
 
 encode = msgspec.msgpack.Encoder().encode
 front_decoder = msgspec.msgpack.Decoder(FrontMessage)

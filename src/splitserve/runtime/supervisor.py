@@ -77,6 +77,7 @@ class Supervisor:
         self.state_pub = self.ctx.socket(zmq.PUB)
         self.state_pub.bind(self.cfg.control_endpoint("state"))
         self._stopping = False
+        self.engine_stats: dict[int, msg.EngineStats] = {}
 
     def _start(self, child: Child) -> None:
         saved = {k: os.environ.get(k) for k in child.env}
@@ -98,6 +99,7 @@ class Supervisor:
         state = msg.ServerState(
             engines={c.index: c.ready_pid for c in self.children if c.role == "engine"},
             workers={c.index: c.ready_pid for c in self.children if c.role == "worker"},
+            engine_stats=list(self.engine_stats.values()),
         )
         self.state_pub.send(msg.encode(state))
 
@@ -140,6 +142,9 @@ class Supervisor:
                 except zmq.Again:
                     break
                 ready = msg.control_decoder.decode(raw)
+                if isinstance(ready, msg.EngineStats):
+                    self.engine_stats[ready.index] = ready
+                    continue
                 if not isinstance(ready, msg.ChildReady):
                     continue
                 for child in self.children:

@@ -1,0 +1,103 @@
+"""A service with its models loaded in this process, run synchronously per request.
+
+The classic design's core: threaded mode serves it from a thread pool, and the peer
+benchmarks wrap it in other frameworks' handlers, so every comparison runs the same
+service code on the same engines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from collections.abc import Mapping
+
+import numpy as np
+
+from splitserve.engines.base import Engine, create_engine
+from splitserve.errors import NotFound
+from splitserve.runtime import messages as msg
+from splitserve.runtime.batcher import stack_padded
+from splitserve.runtime.invoke import Reply, invoke_service
+from splitserve.runtime.stats import ModelCounters
+from splitserve.service import DEFAULT_MAX_IMAGE_PIXELS, Request, Service, Tensors
+
+
+class InProcessService:
+    """Load ``cls``'s models (and warm them up), set the service up, then ``call`` it.
+
+    ``call`` is thread-safe: each thread gets its own event loop for ``handle``, and the
+    engines are shared (ONNX Runtime sessions may run concurrently). No cross-request
+    batching: a request's inference runs on its own, in chunks of the model's limit.
+    """
+
+    def __init__(
+        self,
+        cls: type[Service],
+        *,
+        engine_threads: int | None = None,
+        max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    ) -> None:
+        self.name = cls.service_name()
+        self.max_image_pixels = max_image_pixels
+        self.engines: dict[str, tuple[Engine, int, ModelCounters]] = {}
+        for model_name, model in cls.declared_models().items():
+            engine = create_engine(model, cls.model_path(model), threads=engine_threads)
+            engine.infer(engine.warmup_batch())
+            limit = min(model.max_batch_size, engine.max_batch_size or model.max_batch_size)
+            counters = ModelCounters(model.backend, getattr(engine, "simulated", False))
+            self.engines[model_name] = (engine, limit, counters)
+        self.service = cls()
+        self.service.setup()
+        self._local = threading.local()
+        self.started = time.monotonic()
+
+    async def infer(self, model: str, inputs: Mapping[str, np.ndarray]) -> Tensors:
+        entry = self.engines.get(model)
+        if entry is None:
+            raise NotFound(f"service {self.name!r} declares no model {model!r}")
+        engine, limit, counters = entry
+        engine.check_inputs(inputs)
+        rows = next(iter(inputs.values())).shape[0]
+        chunks = []
+        for start in range(0, rows, limit):
+            began = time.monotonic()
+            chunks.append(engine.infer({k: v[start : start + limit] for k, v in inputs.items()}))
+            counters.record(min(limit, rows - start), time.monotonic() - began, 0.0)
+        if counters.simulated:
+            self._local.simulated = True
+        if len(chunks) == 1:
+            return chunks[0]
+        return {k: stack_padded([c[k] for c in chunks]) for k in chunks[0]}
+
+    def call(
+        self,
+        body: bytes,
+        content_type: str = "application/octet-stream",
+        headers: Mapping[str, str] | None = None,
+    ) -> Reply:
+        """The service's reply to one request, computed in the calling thread."""
+        loop = getattr(self._local, "loop", None)
+        if loop is None:
+            loop = self._local.loop = asyncio.new_event_loop()
+        started = time.monotonic()
+        self._local.simulated = False
+        request = Request(body, content_type, headers, self.max_image_pixels)
+        reply = loop.run_until_complete(invoke_service(self.service, request, self.infer))
+        reply.timings["worker_ms"] = (time.monotonic() - started) * 1000
+        if self._local.simulated:
+            reply.timings["simulated_accelerator"] = 1
+        return reply
+
+    def model_stats(self) -> dict[str, msg.ModelStats]:
+        return {f"{self.name}/{m}": entry[2].snapshot() for m, entry in self.engines.items()}
+
+
+def engine_stats(services: list[InProcessService]) -> list[msg.EngineStats]:
+    """This process as the one 'engine' of ``/v1/stats``."""
+    models: dict[str, msg.ModelStats] = {}
+    for service in services:
+        models.update(service.model_stats())
+    uptime = time.monotonic() - min((s.started for s in services), default=time.monotonic())
+    return [msg.EngineStats(0, os.getpid(), uptime, models)]
