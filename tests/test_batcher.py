@@ -191,3 +191,18 @@ def test_next_batch_wakes_on_submit_from_another_thread() -> None:
 def test_arguments_are_validated(size: int, delay: float, queue: int) -> None:
     with pytest.raises(ValueError):
         Batcher(max_batch_size=size, max_delay_s=delay, max_queue=queue)
+
+
+def test_once_every_possible_sender_waits_the_batch_goes() -> None:
+    def steady(max_senders: int | None) -> Batcher:
+        b = Batcher(max_batch_size=32, max_delay_s=5.0)
+        b.max_senders = max_senders
+        for k in range(3):
+            time.sleep(0.05)  # a steady pace: more arrivals look likely
+            b.submit(req(k))
+        return b
+
+    batch, _ = steady(None).next_batch(timeout=0)
+    assert batch is None  # without the bound, it waits for more
+    batch, _ = steady(3).next_batch(timeout=0)  # the connected workers hold 3 jobs at most
+    assert batch is not None and batch.size == 3

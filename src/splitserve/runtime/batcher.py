@@ -137,6 +137,9 @@ class Batcher:
         # only while requests keep arriving at about that pace.
         self._gap_s = float("inf")
         self._last_arrival = 0.0
+        # How many requests can be pending at most (the senders' capacities), when known:
+        # once that many wait, no other can arrive, so waiting cannot pay.
+        self.max_senders: int | None = None
 
     def __len__(self) -> int:
         return len(self._queue)
@@ -206,6 +209,7 @@ class Batcher:
                     quiet_at = self._last_arrival + 2 * self._gap_s
                     if (
                         ready_rows >= self.max_batch_size
+                        or (self.max_senders is not None and len(self._queue) >= self.max_senders)
                         or now >= due
                         or now >= quiet_at
                         or self._last_arrival + self._gap_s > due  # none expected in time

@@ -152,6 +152,7 @@ class CpuWorker:
         """Keep a connection to one engine: read its replies, reconnect when it restarts."""
         while True:
             link.channel = await chan.connect(link.path, timeout=float("inf"))
+            link.channel.send([msg.encode(msg.EngineHello(self.cfg.worker_concurrency))])
             link.connected.set()
             try:
                 while True:

@@ -137,6 +137,8 @@ class EngineProcess:
         self.attachments = ShmAttachments()
         # Output segments each connection still reads; freed by Release or on close.
         self.lent: dict[chan.Channel, set[str]] = {}
+        # The jobs each connected worker may hold: a bound on the requests in flight.
+        self.capacities: dict[chan.Channel, int] = {}
         self.loop: asyncio.AbstractEventLoop | None = None
         threads = cfg.threads_per_engine(len(cfg.engine_layout(classes)))
         self.runners: dict[str, ModelRunner] = {}
@@ -211,6 +213,19 @@ class EngineProcess:
         finally:
             for segment in self.lent.pop(channel, ()):
                 self.pool.release(segment)
+            self.capacities.pop(channel, None)
+            self._update_senders()
+
+    def _update_senders(self) -> None:
+        """Tell each batcher how many requests can be in flight at most.
+
+        A job makes one call at a time to a one-model service; a pipeline that issues
+        several at once (asyncio.gather) can exceed it, and then a batch merely forms
+        a little early, which costs batching efficiency, never correctness.
+        """
+        total = sum(self.capacities.values()) or None
+        for runner in self.runners.values():
+            runner.batcher.max_senders = total
 
     def on_message(self, channel: chan.Channel, header: memoryview, frames: list) -> None:
         try:
@@ -218,7 +233,10 @@ class EngineProcess:
         except Exception as exc:
             log.warning("dropping an undecodable message: %s", exc)
             return
-        if isinstance(message, msg.Release):
+        if isinstance(message, msg.EngineHello):
+            self.capacities[channel] = message.capacity
+            self._update_senders()
+        elif isinstance(message, msg.Release):
             lent = self.lent.get(channel, set())
             for segment in message.segments:
                 if segment in lent:

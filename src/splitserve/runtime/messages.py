@@ -73,6 +73,12 @@ class InferReply(msgspec.Struct, tag="infer_reply", array_like=True):
     simulated: bool = False  # the answer came from the simulated accelerator
 
 
+class EngineHello(msgspec.Struct, tag="engine_hello", array_like=True):
+    """A CPU worker's first message to an engine: how many jobs it holds at most."""
+
+    capacity: int
+
+
 class Release(msgspec.Struct, tag="release", array_like=True):
     """The reader is done with these segments of the receiver's pool."""
 
@@ -128,7 +134,7 @@ class ServerState(msgspec.Struct, tag="state", array_like=True):
 
 
 FrontMessage = Job | JobReply | WorkerHello
-EngineMessage = InferRequest | InferReply | Release
+EngineMessage = InferRequest | InferReply | Release | EngineHello
 ControlMessage = ChildReady | ServerState | EngineStats
 
 encode = msgspec.msgpack.Encoder().encode
