@@ -1,10 +1,11 @@
-"""The ``splitserve`` command."""
+"""The ``splitserve`` command: ``serve`` runs services, ``bench`` load-tests a server."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
+from splitserve.bench import cli as bench_cli
 from splitserve.config import ServerConfig
 
 
@@ -54,7 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="splitserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
+    bench_cli.add_parser(sub)
     args = parser.parse_args(argv)
+    if args.command == "bench":
+        return bench_cli.run(args, sys.argv[1:] if argv is None else argv)
     if args.command == "serve":
         cfg = ServerConfig(
             services=args.services,

@@ -1,0 +1,290 @@
+"""What ``splitserve bench`` shows and writes: a progress bar, the tables, JSON, a plot."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+from splitserve.bench.loadgen import Result
+
+STAGE_LABELS = {
+    "front_queue": "front q",
+    "worker": "worker",
+    "infer_wait": "infer wait",
+    "engine_queue": "engine q",
+    "engine_compute": "compute",
+}
+
+
+class BarProgress:
+    """A tqdm bar per level (elapsed seconds of warm-up + window), with answers, req/s and
+    errors. tqdm because it is small, well kept and draws on stderr only when it is a
+    terminal; the bar is updated a few times a second, never per request."""
+
+    def __init__(self, label: str, total_s: float, enabled: bool | None = None) -> None:
+        from tqdm import tqdm
+
+        self.total_s = total_s
+        self.last = (0.0, 0)
+        self.bar = tqdm(
+            total=round(total_s, 2),
+            desc=f"{label:>9}",
+            unit="s",
+            leave=True,
+            file=sys.stderr,
+            disable=None if enabled is None else not enabled,  # None: only on a terminal
+            bar_format="{desc} |{bar}| {n:.1f}/{total:.1f}s {postfix}",
+        )
+
+    def update(self, elapsed_s: float, answered: int, errors: int) -> None:
+        t0, n0 = self.last
+        rps = (answered - n0) / (elapsed_s - t0) if elapsed_s > t0 else 0.0
+        self.last = (elapsed_s, answered)
+        self.bar.n = round(min(elapsed_s, self.total_s), 2)
+        self.bar.set_postfix_str(f"{answered} answers, {rps:.0f} req/s, {errors} errors")
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+# --- tables ------------------------------------------------------------------------------
+
+
+def _ms(v: float | None) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    if v < 10:
+        return f"{v:.2f}"
+    if v < 100:
+        return f"{v:.1f}"
+    return f"{v:.0f}"
+
+
+def _errors(errors: dict[str, int]) -> str:
+    return " ".join(f"{k}:{v}" for k, v in sorted(errors.items())) or "-"
+
+
+def _table(header: list[str], rows: list[list[str]], left: int = 1) -> str:
+    """Columns padded to their widest cell; the first ``left`` columns left-aligned."""
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(
+            c.ljust(w) if i < left else c.rjust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        ).rstrip()
+
+    return "\n".join([line(header), *(line(r) for r in rows)])
+
+
+def simulated_banner(models: list[str]) -> str:
+    names = ", ".join(models)
+    line = "!" * 78
+    return (
+        f"{line}\n!!! SIMULATED ACCELERATOR: {names}\n"
+        "!!! these models run on a simulated backend: their compute times are modelled,\n"
+        f"!!! not measured on real hardware. Do not quote them as hardware numbers.\n{line}"
+    )
+
+
+def simulated_models(results: list[Result]) -> list[str]:
+    return sorted({m for r in results if r.server for m in r.server.get("simulated") or []})
+
+
+def load_table(results: list[Result]) -> str:
+    """One row per level: throughput, latency percentiles, errors, the client's CPU."""
+    open_loop = any(r.mode == "open" for r in results)
+    header = ["level", "req/s", "p50 ms", "p90 ms", "p99 ms", "max ms", "answered", "ok"]
+    if open_loop:
+        header += ["offered/s", "dropped", "lag p99 ms"]
+    header += ["client cpu ms/req", "errors"]
+    rows = []
+    for r in results:
+        row = [
+            r.label,
+            f"{r.rps:.1f}",
+            _ms(r.p50_ms),
+            _ms(r.p90_ms),
+            _ms(r.p99_ms),
+            _ms(r.max_ms),
+            str(r.requests),
+            str(r.ok),
+        ]
+        if open_loop:
+            offered = f"{r.offered_rps:.1f}" if r.offered_rps is not None else "-"
+            row += [offered, str(r.dropped), _ms(r.lag_p99_ms)]
+        cpu = r.client_cpu_ms_per_req
+        row += ["-" if math.isnan(cpu) else f"{cpu:.3f}", _errors(r.errors)]
+        rows.append(row)
+    return _table(header, rows)
+
+
+def server_table(results: list[Result]) -> str | None:
+    """One row per level from the /v1/stats deltas (None when the server is not
+    splitserve): engine busy %, mean batch per model, mean ms per stage."""
+    snapshots = [r.server for r in results if r.server]
+    if not snapshots:
+        return None
+    engines = sorted(
+        {e for s in snapshots for e in s.get("engines", {})}, key=lambda e: (len(e), e)
+    )
+    models = sorted({m for s in snapshots for m in s.get("models", {})})
+    stages = [
+        st for st in STAGE_LABELS if any(st in s.get("stages_ms_mean", {}) for s in snapshots)
+    ]
+    simulated = set(simulated_models(results))
+    header = ["level", "answers"]
+    header += [f"engine {e} busy" for e in engines]
+    header += [f"batch {m}" + (" [SIMULATED]" if m in simulated else "") for m in models]
+    header += [f"{STAGE_LABELS[s]} ms" for s in stages]
+    rows = []
+    for r in results:
+        s = r.server
+        if not s:
+            rows.append([r.label, "-"] + ["-"] * (len(header) - 2))
+            continue
+        if s.get("restarted"):
+            rows.append([r.label, "server restarted"] + [""] * (len(header) - 2))
+            continue
+        row = [r.label, str(s.get("requests", {}).get("total", "-"))]
+        for e in engines:
+            frac = s.get("engines", {}).get(e, {}).get("busy_fraction")
+            row.append(f"{frac * 100:.0f}%" if frac is not None else "-")
+        for m in models:
+            mean = s.get("models", {}).get(m, {}).get("mean_batch")
+            row.append(f"{mean:.2f}" if mean is not None else "-")
+        for st in stages:
+            row.append(_ms(s.get("stages_ms_mean", {}).get(st)))
+        rows.append(row)
+    mode = snapshots[0].get("mode")
+    title = f"server: splitserve (mode {mode}), /v1/stats deltas over each measured window"
+    return f"{title}\n{_table(header, rows)}"
+
+
+def render(results: list[Result], url: str) -> str:
+    """The whole report printed at the end: load table, server table, loud warnings."""
+    parts = [f"{url}  ({results[0].client} client)" if results else url, load_table(results)]
+    server = server_table(results)
+    simulated = simulated_models(results)
+    if server:
+        parts.append(server)
+    elif results:
+        parts.append("server: no /v1/stats (not splitserve, or stats disabled)")
+    if simulated:
+        parts.insert(0, simulated_banner(simulated))
+        parts.append(simulated_banner(simulated))
+    return "\n\n".join(parts)
+
+
+def print_report(results: list[Result], url: str, out: TextIO | None = None) -> None:
+    print(render(results, url), file=out or sys.stdout, flush=True)
+
+
+# --- JSON and plot -----------------------------------------------------------------------
+
+
+def _finite(value: Any) -> Any:
+    """NaN and infinities as null, so the file is strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+def document(results: list[Result], url: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """Everything one run measured, with the machine and the settings it ran with."""
+    return _finite(
+        {
+            "url": url,
+            "splitserve": any(r.server for r in results),
+            "simulated": simulated_models(results),
+            "settings": settings,
+            "machine": machine(),
+            "levels": [{"label": r.label, **r.to_dict()} for r in results],
+        }
+    )
+
+
+def write_json(path: Path, doc: dict[str, Any]) -> None:
+    Path(path).write_text(json.dumps(doc, indent=2, allow_nan=False) + "\n")
+
+
+def plot(path: Path, results: list[Result], title: str) -> None:
+    """Throughput and latency percentiles against concurrency (or rate), as a PNG.
+
+    matplotlib is imported here only: it is an optional extra (``splitserve[bench]``).
+    """
+    try:
+        import matplotlib
+    except ImportError as exc:
+        raise RuntimeError("--plot needs matplotlib: pip install 'splitserve[bench]'") from exc
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    open_loop = results[0].mode == "open"
+    xs = [r.rate if open_loop else r.concurrency for r in results]
+    fig, (ax_t, ax_l) = plt.subplots(1, 2, figsize=(11, 4.2))
+    ax_t.plot(xs, [r.rps for r in results], "o-", label="answered req/s")
+    if open_loop:
+        ax_t.plot(xs, xs, ":", color="grey", label="offered")
+    ax_t.set_ylabel("requests/s")
+    ax_t.set_ylim(bottom=0)
+    for q, style in (("p50", "o-"), ("p90", "s--"), ("p99", "^:")):
+        ax_l.plot(xs, [getattr(r, f"{q}_ms") for r in results], style, label=q)
+    ax_l.set_ylabel("latency (ms)")
+    ax_l.set_ylim(bottom=0)
+    for ax in (ax_t, ax_l):
+        ax.set_xlabel("offered rate (req/s)" if open_loop else "concurrency (clients)")
+        if len(xs) > 1 and min(xs) > 0 and max(xs) / min(xs) >= 8:
+            ax.set_xscale("log")
+        ax.set_xticks(xs, [f"{x:g}" for x in xs])
+        ax.minorticks_off()
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    simulated = simulated_models(results)
+    if simulated:
+        title += "\nSIMULATED ACCELERATOR: " + ", ".join(simulated)
+    fig.suptitle(title, fontsize=10, color="red" if simulated else "black")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# --- the machine ------------------------------------------------------------------------
+
+
+def machine() -> dict[str, Any]:
+    """The machine a number was measured on (it goes with every number)."""
+    model = ""
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        model = next(
+            (ln.split(":", 1)[1].strip() for ln in out.splitlines() if "Model name" in ln), ""
+        )
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "nproc": os.cpu_count(),
+        "cpu": model,
+        "loadavg_1_5_15": os.getloadavg(),
+        "python": platform.python_version(),
+        "numpy": _numpy_version(),
+    }
+
+
+def _numpy_version() -> str:
+    try:
+        import numpy
+    except ImportError:
+        return ""
+    return numpy.__version__
