@@ -75,7 +75,7 @@ class Engine(abc.ABC):
         return {}
 
 
-BACKENDS = ("onnxruntime", "simulated")
+BACKENDS = ("onnxruntime", "simulated", "torch")
 
 
 def create_engine(
@@ -94,4 +94,13 @@ def create_engine(
         from splitserve.engines.simulated import SimulatedEngine
 
         return SimulatedEngine(model.options, run_dir)
+    if model.backend == "torch":  # ``model.path`` names a factory, not a file: used as is
+        from splitserve.engines.torch import TorchEngine
+
+        return TorchEngine(
+            model.path,
+            model.options,
+            max_batch_size=model.max_batch_size,
+            threads=model.threads or threads,
+        )
     raise ValueError(f"unknown backend {model.backend!r} for {path.name}; available: {BACKENDS}")
