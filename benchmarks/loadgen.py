@@ -40,6 +40,7 @@ __all__ = [
     "TIMINGS_HEADER",
     "Result",
     "closed_loop",
+    "finish_report",
     "free_port",
     "machine",
     "open_loop",
@@ -64,3 +65,22 @@ if __name__ == "__main__":
     from splitserve.bench.cli import main
 
     sys.exit(main())
+
+
+def finish_report(results: dict, json_path: Path | None) -> None:
+    """The closing line every script prints (machine, load, date, wall time), and its JSON.
+
+    ``results`` holds ``machine`` (from ``machine()`` at the end) and ``settings`` with
+    ``loadavg_at_start`` and ``wall_s``.
+    """
+    import json
+
+    m = results["machine"]
+    print(
+        f"Machine: {m['nproc']} cores, {m['cpu']}; load average "
+        f"{results['settings']['loadavg_at_start'][0]:.2f} at start, "
+        f"{m['loadavg_1_5_15'][0]:.2f} at end; "
+        f"{m['date']}; {results['settings']['wall_s']:.0f} s"
+    )
+    if json_path:
+        json_path.write_text(json.dumps(results, indent=2) + "\n")

@@ -29,7 +29,6 @@ Run: ``python benchmarks/noop.py [--quick] [--json PATH]``.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
@@ -48,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from loadgen import (
     REPO_ROOT,
     Result,
+    finish_report,
     free_port,
     machine,
     run_closed_loop,
@@ -489,15 +489,7 @@ def main(argv: list[str] | None = None) -> int:
         "wall_s": time.monotonic() - started,
     }
     print_report(results)
-    m = results["machine"]
-    print(
-        f"Machine: {m['nproc']} cores, {m['cpu']}; load average "
-        f"{results['settings']['loadavg_at_start'][0]:.2f} at start, "
-        f"{m['loadavg_1_5_15'][0]:.2f} at end; "
-        f"{m['date']}; {results['settings']['wall_s']:.0f} s"
-    )
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    finish_report(results, args.json)
     return 0
 
 

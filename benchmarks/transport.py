@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import multiprocessing
 import os
 import statistics
@@ -51,7 +50,7 @@ from splitserve.runtime.shm import ShmAttachments, ShmPool, remove_segments
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from loadgen import machine
+from loadgen import finish_report, machine
 
 KB = 1024
 MB = 1024 * 1024
@@ -391,15 +390,7 @@ def main(argv: list[str] | None = None) -> int:
         "wall_s": time.monotonic() - started,
     }
     print_report(results)
-    m = results["machine"]
-    print(
-        f"Machine: {m['nproc']} cores, {m['cpu']}; load average "
-        f"{results['settings']['loadavg_at_start'][0]:.2f} at start, "
-        f"{m['loadavg_1_5_15'][0]:.2f} at end; "
-        f"{m['date']}; {results['settings']['wall_s']:.0f} s"
-    )
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    finish_report(results, args.json)
     return 0
 
 
