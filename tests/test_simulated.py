@@ -129,3 +129,19 @@ def test_the_benchmark_script_runs(tmp_path: Path) -> None:
         "split, 2 CPU workers",
     }
     assert all(r["rps"] > 0 and r["errors"] == 0 for r in result["summary"])
+
+
+def test_in_process_call_refuses_a_running_event_loop() -> None:
+    import asyncio
+
+    from examples.simulated.service import SimulatedDetector, photo
+    from splitserve.runtime.inprocess import InProcessService
+
+    service = InProcessService(SimulatedDetector)
+    assert service.call(photo(1), "image/jpeg").status == 200
+
+    async def from_a_handler() -> None:
+        service.call(photo(1), "image/jpeg")
+
+    with pytest.raises(RuntimeError, match="worker thread"):
+        asyncio.run(from_a_handler())

@@ -77,7 +77,16 @@ class InProcessService:
         content_type: str = "application/octet-stream",
         headers: Mapping[str, str] | None = None,
     ) -> Reply:
-        """The service's reply to one request, computed in the calling thread."""
+        """The service's reply to one request, computed in the calling thread.
+
+        It blocks, so it must not run on a thread whose event loop is running (an async
+        framework's handler): hand it to an executor there.
+        """
+        if asyncio._get_running_loop() is not None:
+            raise RuntimeError(
+                "InProcessService.call blocks: call it from a worker thread (e.g. "
+                "loop.run_in_executor), not from a running event loop"
+            )
         loop = getattr(self._local, "loop", None)
         if loop is None:
             loop = self._local.loop = asyncio.new_event_loop()
