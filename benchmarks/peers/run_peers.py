@@ -51,6 +51,7 @@ from modes import summarise
 from benchmarks.peers.common import HEALTH, INFO_DIR_ENV, ROUTE, parse_threads
 from examples.ocr.compare import compare_ocr
 from examples.ocr.make_images import generate_documents
+from splitserve.bench.servers import interrupt_then_kill
 
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 OCR = "examples.ocr.service:OCRService"
@@ -437,15 +438,7 @@ def stop_peer(running: Running) -> dict[str, Any]:
     began = time.monotonic()
     running.snapshot()
     proc = running.proc
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(STOP_GRACE_S)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(10.0)
+    interrupt_then_kill(proc, STOP_GRACE_S)
     # Children get a moment to follow their parent before they count as left behind.
     wait_until = time.monotonic() + 10.0
     while time.monotonic() < wait_until:

@@ -91,21 +91,27 @@ def start_server(
         time.sleep(0.1)
 
 
+def interrupt_then_kill(proc: subprocess.Popen, grace_s: float, kill_wait_s: float = 10.0) -> None:
+    """SIGINT to ``proc`` by pid; SIGKILL if it is still there after ``grace_s``."""
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(proc.pid, signal.SIGINT)
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(kill_wait_s)
+
+
 def stop_server(proc: subprocess.Popen, grace_s: float = 10.0) -> int:
     """SIGINT to the server's pid, wait ``grace_s``, then SIGKILL; returns its exit code.
 
     A temporary log (``start_server`` without ``log_path``) is deleted after a clean
     stop (exit code 0, or death by the SIGINT itself: threaded mode re-raises it).
     """
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(grace_s)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(5.0)
+    interrupt_then_kill(proc, grace_s)
     log_path = getattr(proc, "log_path", None)
     if getattr(proc, "temporary_log", False) and proc.returncode in (0, -signal.SIGINT):
         with contextlib.suppress(OSError):
