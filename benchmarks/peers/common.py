@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from splitserve.runtime.inprocess import InProcessService
-from splitserve.runtime.invoke import Reply
+from splitserve.runtime.invoke import TIMINGS_HEADER, Reply, timings_header
 
 ROUTE = "/v1/services/ocr"
 HEALTH = "/health/ready"
@@ -70,5 +70,5 @@ def reply_headers(reply: Reply) -> dict[str, str]:
     so the load generator sees each peer's time inside the service (``worker_ms``)."""
     headers = dict(reply.headers)
     if reply.timings:
-        headers["X-Splitserve-Timings"] = ",".join(f"{k}={v:.3f}" for k, v in reply.timings.items())
+        headers[TIMINGS_HEADER] = timings_header(reply.timings)
     return headers

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from splitserve.service import DEFAULT_MAX_IMAGE_PIXELS, Model, Service, load_service
 
@@ -31,7 +31,6 @@ class ServerConfig:
     # Filled in by the supervisor.
     run_dir: str = ""
     supervisor_pid: int = 0
-    extra: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.mode not in ("split", "threaded"):

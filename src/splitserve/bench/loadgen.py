@@ -35,8 +35,8 @@ from typing import Any, Protocol
 
 from splitserve.bench import server_stats
 from splitserve.bench.bodies import OCTET_STREAM, Payload
+from splitserve.runtime.invoke import TIMINGS_HEADER
 
-TIMINGS_HEADER = "X-Splitserve-Timings"
 REQUEST_TIMEOUT_S = 30.0
 CLIENTS = ("raw", "aiohttp")
 PROGRESS_INTERVAL_S = 0.25

@@ -28,6 +28,7 @@ class Engine(abc.ABC):
 
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
+    simulated = False  # True only for the simulated accelerator: labelled wherever it shows
 
     @abc.abstractmethod
     def infer(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -26,7 +26,7 @@ from starlette.routing import Route
 
 from splitserve.config import ServerConfig
 from splitserve.errors import BadRequest, NotFound, PayloadTooLarge, ServiceError
-from splitserve.runtime.invoke import Reply, error_reply
+from splitserve.runtime.invoke import TIMINGS_HEADER, Reply, error_reply, timings_header
 from splitserve.runtime.messages import EngineStats
 from splitserve.runtime.stats import RequestStats
 
@@ -48,8 +48,7 @@ class Dispatcher(Protocol):
 def _response(reply: Reply) -> Response:
     headers = reply.headers
     if reply.timings:  # where the time went, per stage (ms), for benchmarks and debugging
-        timings = ",".join(f"{k}={v:.3f}" for k, v in reply.timings.items())
-        headers = {**headers, "X-Splitserve-Timings": timings}
+        headers = {**headers, TIMINGS_HEADER: timings_header(reply.timings)}
     return Response(reply.body, reply.status, headers=headers, media_type=reply.content_type)
 
 

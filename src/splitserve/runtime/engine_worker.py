@@ -74,7 +74,7 @@ class ModelRunner(threading.Thread):
         )
         self.pool = pool
         self.deliver = deliver
-        self.counters = ModelCounters(model.backend, getattr(engine, "simulated", False))
+        self.counters = ModelCounters(model.backend, engine.simulated)
         self._stop = threading.Event()
 
     def stop(self) -> None:
@@ -128,7 +128,12 @@ def error_header(key: ReplyTo, exc: BaseException) -> bytes:
 
 class EngineProcess:
     def __init__(
-        self, cfg: ServerConfig, index: int, models: dict[str, Model], classes: dict
+        self,
+        cfg: ServerConfig,
+        index: int,
+        models: dict[str, Model],
+        classes: dict,
+        engine_count: int,
     ) -> None:
         self.cfg = cfg
         self.index = index
@@ -140,7 +145,7 @@ class EngineProcess:
         # The jobs each connected worker may hold: a bound on the requests in flight.
         self.capacities: dict[chan.Channel, int] = {}
         self.loop: asyncio.AbstractEventLoop | None = None
-        threads = cfg.threads_per_engine(len(cfg.engine_layout(classes)))
+        threads = cfg.threads_per_engine(engine_count)
         self.runners: dict[str, ModelRunner] = {}
         for key, model in models.items():
             path = classes[key.partition("/")[0]].model_path(model)
@@ -261,6 +266,6 @@ def run_engine_process(cfg: ServerConfig, index: int) -> None:
     """Entry point of an engine process (started by the supervisor)."""
     become_child(f"splitserve-engine-{index}", cfg.supervisor_pid, cfg.log_level)
     classes = cfg.load_services()
-    models = cfg.engine_layout(classes)[index]
-    engine = EngineProcess(cfg, index, models, classes)
+    layout = cfg.engine_layout(classes)
+    engine = EngineProcess(cfg, index, layout[index], classes, len(layout))
     run_loop(engine.serve())

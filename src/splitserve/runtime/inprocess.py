@@ -46,7 +46,7 @@ class InProcessService:
             engine = create_engine(model, cls.model_path(model), threads=engine_threads)
             engine.infer(engine.warmup_batch())
             limit = min(model.max_batch_size, engine.max_batch_size or model.max_batch_size)
-            counters = ModelCounters(model.backend, getattr(engine, "simulated", False))
+            counters = ModelCounters(model.backend, engine.simulated)
             self.engines[model_name] = (engine, limit, counters)
         self.service = cls()
         self.service.setup()

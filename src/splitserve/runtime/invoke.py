@@ -19,6 +19,8 @@ from splitserve.service import InferFn, Request, Service
 log = logging.getLogger("splitserve.service")
 
 JSON = "application/json"
+# Where a request's time went, per stage (ms), answered with every reply.
+TIMINGS_HEADER = "X-Splitserve-Timings"
 
 
 @dataclass
@@ -40,6 +42,11 @@ def _json_default(value: Any) -> Any:
 
 
 _json_encoder = msgspec.json.Encoder(enc_hook=_json_default)
+
+
+def timings_header(timings: dict[str, float]) -> str:
+    """The ``TIMINGS_HEADER`` value: ``stage=ms,stage=ms`` (``bench`` parses it)."""
+    return ",".join(f"{k}={v:.3f}" for k, v in timings.items())
 
 
 def error_reply(exc: BaseException) -> Reply:
