@@ -9,7 +9,6 @@ above the inline threshold go through this process's shared-memory pool.
 from __future__ import annotations
 
 import asyncio
-import atexit
 import contextlib
 import itertools
 import logging
@@ -26,7 +25,7 @@ from splitserve.runtime import channel as chan
 from splitserve.runtime import messages as msg
 from splitserve.runtime.control import report_ready
 from splitserve.runtime.invoke import error_reply, invoke_service
-from splitserve.runtime.process import become_child, run_loop
+from splitserve.runtime.process import become_child, on_exit, run_loop
 from splitserve.runtime.shm import ShmAttachments, ShmPool
 from splitserve.runtime.transport import pack_tensors, unpack_tensors
 from splitserve.service import Request, Service, Tensors
@@ -52,7 +51,7 @@ class CpuWorker:
         self.cfg = cfg
         self.index = index
         self.pool = ShmPool(cfg.supervisor_pid, cfg.shm_pool_bytes)
-        atexit.register(self.pool.close)
+        on_exit(self.pool.close)
         self.attachments = ShmAttachments()
         classes = cfg.load_services()
         self.services: dict[str, Service] = {name: cls() for name, cls in classes.items()}

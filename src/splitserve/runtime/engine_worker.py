@@ -13,7 +13,6 @@ Threads:
 from __future__ import annotations
 
 import asyncio
-import atexit
 import contextlib
 import logging
 import os
@@ -30,7 +29,7 @@ from splitserve.runtime import channel as chan
 from splitserve.runtime import messages as msg
 from splitserve.runtime.batcher import Batcher, PendingRequest
 from splitserve.runtime.control import ControlSender, report_ready
-from splitserve.runtime.process import become_child, run_loop
+from splitserve.runtime.process import become_child, on_exit, run_loop
 from splitserve.runtime.shm import ShmAttachments, ShmPool
 from splitserve.runtime.stats import ModelCounters
 from splitserve.runtime.transport import TransportError, pack_tensors, unpack_tensors
@@ -138,7 +137,7 @@ class EngineProcess:
         self.cfg = cfg
         self.index = index
         self.pool = ShmPool(cfg.supervisor_pid, cfg.shm_pool_bytes)
-        atexit.register(self.pool.close)
+        on_exit(self.pool.close)
         self.attachments = ShmAttachments()
         # Output segments each connection still reads; freed by Release or on close.
         self.lent: dict[chan.Channel, set[str]] = {}

@@ -107,16 +107,19 @@ class ShmPool:
                 self._free.setdefault(seg.size, []).append(seg)
 
     def close(self) -> None:
-        """Unlink every segment of the pool (at process exit)."""
-        with self._lock:
-            for seg in self._by_name.values():
-                with contextlib.suppress(FileNotFoundError):
-                    (SHM_DIR / seg.name).unlink()
-                with contextlib.suppress(BufferError):
-                    seg.map.close()
-            self._by_name.clear()
-            self._free.clear()
-            self._total = 0
+        """Unlink every segment of the pool (at process exit).
+
+        Takes no lock: it runs from a SIGTERM handler, which may have interrupted this
+        very thread inside ``allocate`` while it held the lock.
+        """
+        for seg in list(self._by_name.values()):
+            with contextlib.suppress(FileNotFoundError):
+                (SHM_DIR / seg.name).unlink()
+            with contextlib.suppress(BufferError, ValueError):
+                seg.map.close()
+        self._by_name.clear()
+        self._free.clear()
+        self._total = 0
 
 
 class ShmAttachments:
