@@ -191,22 +191,26 @@ def _render(
     return image, truth
 
 
-def generate_documents(out_dir: Path, count: int, seed: int = 0) -> list[Path]:
-    """Write ``count`` document images (alternately JPEG and PNG) and their truth files."""
+def generate_documents(
+    out_dir: Path, count: int, seed: int = 0, *, truth: bool = True
+) -> list[Path]:
+    """Write ``count`` document images (alternately JPEG and PNG) and their truth files
+    (``truth=False``: images only, e.g. a calibration folder of requests)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths: list[Path] = []
     for index in range(count):
         rng = random.Random(seed * 1_000_003 + index)
         np_rng = np.random.default_rng([seed, index])
-        image, truth = _render(rng, np_rng, index)
+        image, labels = _render(rng, np_rng, index)
         if index % 2 == 0:
             path = out_dir / f"doc_{index:04d}.jpg"
             image.save(path, "JPEG", quality=rng.randint(85, 95))
         else:
             path = out_dir / f"doc_{index:04d}.png"
             image.save(path, "PNG")
-        path.with_suffix(".json").write_text(json.dumps(truth, indent=1))
+        if truth:
+            path.with_suffix(".json").write_text(json.dumps(labels, indent=1))
         paths.append(path)
     return paths
 
@@ -231,8 +235,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--count", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--blank", action="store_true", help="also write blank.png")
+    parser.add_argument("--no-truth", action="store_true", help="images only, no .json truth")
     args = parser.parse_args(argv)
-    paths = generate_documents(args.out_dir, args.count, args.seed)
+    paths = generate_documents(args.out_dir, args.count, args.seed, truth=not args.no_truth)
     if args.blank:
         (args.out_dir / "blank.png").write_bytes(blank_image())
     print(f"wrote {len(paths)} images to {args.out_dir}")

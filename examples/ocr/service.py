@@ -176,6 +176,15 @@ def _only(outputs: dict[str, np.ndarray]) -> np.ndarray:
     return next(iter(outputs.values()))
 
 
+def text_lines_equal(reference: Sequence[str], candidate: Sequence[str]) -> tuple[int, int]:
+    """(lines equal in both, lines in the longer list), aligned in reading order."""
+    import difflib
+
+    matcher = difflib.SequenceMatcher(a=list(reference), b=list(candidate), autojunk=False)
+    equal = sum(block.size for block in matcher.get_matching_blocks())
+    return equal, max(len(reference), len(candidate))
+
+
 class OCRService(Service):
     """Text detection + angle classification + recognition; JSON boxes, texts, scores."""
 
@@ -237,6 +246,16 @@ class OCRService(Service):
             if score >= TEXT_SCORE
         ]
         return {"results": results}
+
+    def agreement(self, reference: Any, candidate: Any) -> tuple[int, int]:
+        """Text lines read the same, as (equal lines, lines): the int8 build's gate.
+
+        Lines are aligned in reading order (a line found by only one side counts as a
+        miss); a line matches only if its whole text is equal, spaces included.
+        """
+        return text_lines_equal(
+            [r["text"] for r in reference["results"]], [r["text"] for r in candidate["results"]]
+        )
 
     def _limit_sides(self, img: np.ndarray) -> tuple[np.ndarray, float, float]:
         """RapidOCR.preprocess (the min-side ratios replace the max-side ones, as upstream)."""

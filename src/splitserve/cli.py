@@ -1,4 +1,5 @@
-"""The ``splitserve`` command: ``serve`` runs services, ``bench`` load-tests a server."""
+"""The ``splitserve`` command: ``serve`` runs services, ``build`` makes gated engines,
+``bench`` load-tests a server."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import argparse
 import sys
 
 from splitserve.bench import cli as bench_cli
+from splitserve.build import cli as build_cli
 from splitserve.config import ServerConfig
 
 
@@ -56,7 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
     bench_cli.add_parser(sub)
+    build_cli.add_parser(sub)
     args = parser.parse_args(argv)
+    if args.command == "build":
+        return build_cli.run(args)
     if args.command == "bench":
         return bench_cli.run(args, sys.argv[1:] if argv is None else argv)
     if args.command == "serve":

@@ -33,12 +33,18 @@ class Model:
     """A model a service uses, and how its engine batches it.
 
     ``path`` is a model file (ONNX for the default backend), absolute or relative to the
-    service's module. ``pad_axes`` names, per input, the axes along which requests of
-    different sizes may be zero-padded (``pad_value``) to share a batch; requests whose
-    shapes differ elsewhere are batched separately. ``pad_bucket`` (> 0) limits padding
-    to requests whose sizes along a pad axis fall in the same bucket of that many
-    elements, for models whose results move with padding. ``threads`` overrides the engine's
-    intra-op thread count for this model.
+    service's module. ``precision`` other than fp32 makes the server serve an engine
+    built by ``splitserve build`` (from the engine cache, built on start when missing)
+    with ``calibration`` (a folder of request bodies or .npy/.npz inputs, relative like
+    ``path``), ``keep_fp32`` (node names, op types, or ``("auto",)``) and ``tolerance``
+    (largest relative L2 error of any output on held-out inputs).
+
+    ``pad_axes`` names, per input, the axes along which requests of different sizes may
+    be zero-padded (``pad_value``) to share a batch; requests whose shapes differ
+    elsewhere are batched separately. ``pad_bucket`` (> 0) limits padding to requests
+    whose sizes along a pad axis fall in the same bucket of that many elements, for
+    models whose results move with padding. ``threads`` overrides the engine's intra-op
+    thread count for this model.
     """
 
     path: str = ""
@@ -51,6 +57,10 @@ class Model:
     pad_bucket: int = 0
     threads: int | None = None
     options: Mapping[str, Any] = field(default_factory=dict)
+    precision: str = "fp32"
+    calibration: str = ""
+    keep_fp32: tuple[str, ...] = ()
+    tolerance: float | None = None
 
     def __post_init__(self) -> None:
         if not self.path and self.backend != "simulated":
@@ -63,6 +73,10 @@ class Model:
             raise ValueError(f"replicas must be >= 1, got {self.replicas}")
         if self.pad_bucket < 0:
             raise ValueError(f"pad_bucket must be >= 0, got {self.pad_bucket}")
+        if self.precision not in ("fp32", "fp16", "bf16", "int8"):
+            raise ValueError(f"precision must be fp32, fp16, bf16 or int8, got {self.precision!r}")
+        if isinstance(self.keep_fp32, str):
+            raise ValueError("keep_fp32 is a tuple of names, e.g. ('auto',) or ('Softmax',)")
         for name, axes in self.pad_axes.items():
             if any(a < 1 for a in axes):
                 raise ValueError(f"pad_axes[{name!r}]: axis 0 is the batch axis; pad axes are >= 1")
@@ -194,6 +208,16 @@ class Service:
         outputs = await infer(model_name, self.preprocess(request))
         return self.postprocess(outputs, request)
 
+    def agreement(self, reference: Any, candidate: Any) -> tuple[int, int] | None:
+        """How much of ``candidate``'s answer matches ``reference``'s, as (matching, total).
+
+        Both are one request's decoded answers, from fp32 engines and from a lower
+        precision build; ``splitserve build`` gates on the summed ratio (for OCR: text
+        lines whose text is equal). ``None``: the service has no such check, and the
+        build gates on the models' output errors only.
+        """
+        return None
+
     @classmethod
     def service_name(cls) -> str:
         return cls.name or cls.__name__.lower()
@@ -210,9 +234,9 @@ class Service:
         return dict(cls.models)
 
     @classmethod
-    def model_path(cls, model: Model) -> Path:
-        """The model file, resolved relative to the module that defines the service."""
-        path = Path(model.path)
+    def model_path(cls, model: Model, path: str | None = None) -> Path:
+        """The model file (or ``path``), resolved relative to the service's module."""
+        path = Path(model.path if path is None else path)
         if not path.is_absolute():
             module = importlib.import_module(cls.__module__)
             path = Path(module.__file__ or ".").resolve().parent / path

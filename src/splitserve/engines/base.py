@@ -76,7 +76,7 @@ class Engine(abc.ABC):
         return {}
 
 
-BACKENDS = ("onnxruntime", "simulated", "torch")
+BACKENDS = ("onnxruntime", "simulated", "tensorrt", "torch")
 
 
 def create_engine(
@@ -91,6 +91,15 @@ def create_engine(
         from splitserve.engines.onnxruntime import OnnxRuntimeEngine
 
         return OnnxRuntimeEngine(path, threads=model.threads or threads, options=model.options)
+    if model.backend == "tensorrt":  # ``path``: the prepared ONNX; the plan is built beside it
+        from splitserve.engines.tensorrt import TensorRTEngine
+
+        return TensorRTEngine(
+            path,
+            precision=model.precision,
+            max_batch_size=model.max_batch_size,
+            options=model.options,
+        )
     if model.backend == "simulated":
         from splitserve.engines.simulated import SimulatedEngine
 

@@ -36,7 +36,11 @@ class OnnxRuntimeEngine(Engine):
     """An ``InferenceSession`` with thread counts set for the process layout.
 
     ``threads`` is the intra-op thread count (the engine process gets the cores);
-    ``options`` may set ``providers`` (a list) and ``inter_op_threads``.
+    ``options`` may set ``providers`` (a list), ``inter_op_threads`` and ``io_binding``.
+
+    On a GPU provider, batches run through I/O binding (on by default there): inputs are
+    copied to the device once, outputs are allocated on the device and copied back in
+    one step, instead of ``run``'s per-call host allocations.
     """
 
     def __init__(
@@ -57,9 +61,24 @@ class OnnxRuntimeEngine(Engine):
         self.inputs = [_spec(i) for i in self.session.get_inputs()]
         self.outputs = [_spec(o) for o in self.session.get_outputs()]
         self._output_names = [o.name for o in self.outputs]
+        on_gpu = self.providers[0] in ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+        self.io_binding = bool(options.pop("io_binding", on_gpu))
+        self._output_device = "cuda" if on_gpu else "cpu"
 
     def infer(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.io_binding:
+            return self._infer_bound(batch)
         results = self.session.run(self._output_names, dict(batch))
+        return dict(zip(self._output_names, results, strict=True))
+
+    def _infer_bound(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        binding = self.session.io_binding()
+        for name, value in batch.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        for name in self._output_names:
+            binding.bind_output(name, self._output_device)
+        self.session.run_with_iobinding(binding)
+        results = binding.copy_outputs_to_cpu()
         return dict(zip(self._output_names, results, strict=True))
 
     def metadata(self) -> dict[str, Any]:

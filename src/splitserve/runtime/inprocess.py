@@ -11,7 +11,8 @@ import asyncio
 import os
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from pathlib import Path
 
 import numpy as np
 
@@ -30,6 +31,9 @@ class InProcessService:
     ``call`` is thread-safe: each thread gets its own event loop for ``handle``, and the
     engines are shared (ONNX Runtime sessions may run concurrently). No cross-request
     batching: a request's inference runs on its own, in chunks of the model's limit.
+
+    ``artifacts`` replaces model files by name (built engines: see splitserve.build);
+    ``observe`` sees every model's inputs before they run (calibration capture).
     """
 
     def __init__(
@@ -38,12 +42,17 @@ class InProcessService:
         *,
         engine_threads: int | None = None,
         max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+        artifacts: Mapping[str, Path] | None = None,
+        observe: Callable[[str, Mapping[str, np.ndarray]], None] | None = None,
     ) -> None:
         self.name = cls.service_name()
         self.max_image_pixels = max_image_pixels
+        self.observe = observe
         self.engines: dict[str, tuple[Engine, int, ModelCounters]] = {}
+        artifacts = artifacts or {}
         for model_name, model in cls.declared_models().items():
-            engine = create_engine(model, cls.model_path(model), threads=engine_threads)
+            path = artifacts.get(model_name) or cls.model_path(model)
+            engine = create_engine(model, Path(path), threads=engine_threads)
             engine.infer(engine.warmup_batch())
             limit = min(model.max_batch_size, engine.max_batch_size or model.max_batch_size)
             counters = ModelCounters(model.backend, engine.simulated)
@@ -59,6 +68,8 @@ class InProcessService:
             raise NotFound(f"service {self.name!r} declares no model {model!r}")
         engine, limit, counters = entry
         engine.check_inputs(inputs)
+        if self.observe is not None:
+            self.observe(model, inputs)
         rows = next(iter(inputs.values())).shape[0]
         chunks = []
         for start in range(0, rows, limit):
