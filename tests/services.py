@@ -30,6 +30,11 @@ def make_models() -> None:
     model.ir_version = 8
     onnx.save(model, str(MODEL_DIR / "identity_batch1.onnx"))
 
+    from tests.build_models import SENSITIVE_WIDTH, make_sensitive, write_inputs
+
+    make_sensitive(MODEL_DIR / "sensitive.onnx")
+    write_inputs(MODEL_DIR / "sensitive_inputs", (SENSITIVE_WIDTH,), 8, seed=1)
+
 
 class Echo(splitserve.Service):
     """JSON {"values": [...], "rows": k, "sleep_ms": t, "crash": bool} -> the values back.
@@ -95,3 +100,36 @@ class Pipeline(splitserve.Service):
         first = await infer("first", {"x": values})
         second = await infer("second", {"x": first["y"] * 2})
         return {"values": second["y"][0].tolist()}
+
+
+class SensitiveFp16(splitserve.Service):
+    """JSON {"x": [[16 floats], ...]} -> {"y": ...} from an fp16 engine built on start.
+
+    The model's last layer cannot be fp16 (weights beyond its range): the accuracy gate
+    refuses the all-fp16 build and ``keep_fp32=("auto",)`` finds that layer.
+    """
+
+    model = splitserve.Model(
+        str(MODEL_DIR / "sensitive.onnx"),
+        precision="fp16",
+        calibration=str(MODEL_DIR / "sensitive_inputs"),
+        keep_fp32=("auto",),
+        tolerance=1e-3,
+    )
+
+    def preprocess(self, request: splitserve.Request) -> dict[str, np.ndarray]:
+        return {"x": np.asarray(request.json_field("x", list), dtype=np.float32)}
+
+    def postprocess(self, outputs: dict[str, np.ndarray], request: splitserve.Request) -> Any:
+        return {"y": outputs["y"].tolist()}
+
+
+class SensitiveFp16Strict(SensitiveFp16):
+    """The same build without the fp32 search: the gate must stop the server."""
+
+    model = splitserve.Model(
+        str(MODEL_DIR / "sensitive.onnx"),
+        precision="fp16",
+        calibration=str(MODEL_DIR / "sensitive_inputs"),
+        tolerance=1e-3,
+    )

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from splitserve.service import DEFAULT_MAX_IMAGE_PIXELS, Model, Service, load_service
 
@@ -28,6 +29,8 @@ class ServerConfig:
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     shm_pool_bytes: int = 512 * 1024 * 1024  # per process
     log_level: str = "INFO"
+    # Filled in on start: built engines by "service/model" (see splitserve.build).
+    artifacts: dict[str, str] = field(default_factory=dict)
     # Filled in by the supervisor.
     run_dir: str = ""
     supervisor_pid: int = 0
@@ -77,7 +80,29 @@ class ServerConfig:
         count = max(replicas.values(), default=0)
         return [{k: m for k, m in declared.items() if replicas[k] > j} for j in range(count)]
 
+    def model_file(self, cls: type[Service], key: str, model: Model) -> Path:
+        """What the engine of ``key`` ("service/model") loads: its built engine, if any."""
+        built = self.artifacts.get(key)
+        return Path(built) if built else cls.model_path(model)
+
     def threads_per_engine(self, engine_count: int) -> int:
         if self.engine_threads:
             return self.engine_threads
         return max(1, (os.cpu_count() or 1) // max(1, engine_count))
+
+
+def build_engines(classes: dict[str, type[Service]]) -> dict[str, str]:
+    """Build or reuse (engine cache) every engine the services ask for, before any loads.
+
+    A build the accuracy gate refuses stops the server with the reason: a server never
+    falls back to fp32 quietly. The build tools are imported only when a model needs them.
+    """
+    if not any(m.needs_build for cls in classes.values() for m in cls.declared_models().values()):
+        return {}
+    from splitserve.build.artifacts import prepare_artifacts
+    from splitserve.build.builder import GateRejected
+
+    try:
+        return prepare_artifacts(classes)
+    except GateRejected as exc:
+        raise SystemExit(f"splitserve: {exc}") from None

@@ -62,6 +62,11 @@ class Model:
     keep_fp32: tuple[str, ...] = ()
     tolerance: float | None = None
 
+    @property
+    def needs_build(self) -> bool:
+        """Served from an engine ``splitserve build`` makes (not the model file as is)."""
+        return self.precision != "fp32" or self.backend == "tensorrt"
+
     def __post_init__(self) -> None:
         if not self.path and self.backend != "simulated":
             raise ValueError(f"a {self.backend} model needs a path")

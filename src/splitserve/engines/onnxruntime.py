@@ -27,6 +27,12 @@ _ORT_TYPES = {
 _PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 
 
+def default_providers() -> list[str]:
+    """The installed providers this engine uses, fastest first (CPU always last)."""
+    available = ort.get_available_providers()
+    return [p for p in _PROVIDER_ORDER if p in available]
+
+
 def _spec(node: Any) -> TensorSpec:
     shape = tuple(d if isinstance(d, int) else None for d in node.shape)
     return TensorSpec(node.name, _ORT_TYPES.get(node.type, "float32"), shape)
@@ -54,8 +60,7 @@ class OnnxRuntimeEngine(Engine):
         so.inter_op_num_threads = int(options.pop("inter_op_threads", 1))
         # Spinning threads burn the cores CPU workers need between batches.
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        available = ort.get_available_providers()
-        providers = options.pop("providers", None) or [p for p in _PROVIDER_ORDER if p in available]
+        providers = options.pop("providers", None) or default_providers()
         self.session = ort.InferenceSession(str(path), sess_options=so, providers=providers)
         self.providers = self.session.get_providers()
         self.inputs = [_spec(i) for i in self.session.get_inputs()]

@@ -147,7 +147,7 @@ class EngineProcess:
         threads = cfg.threads_per_engine(engine_count)
         self.runners: dict[str, ModelRunner] = {}
         for key, model in models.items():
-            path = classes[key.partition("/")[0]].model_path(model)
+            path = cfg.model_file(classes[key.partition("/")[0]], key, model)
             started = time.monotonic()
             engine = create_engine(model, path, threads=threads, run_dir=Path(cfg.run_dir))
             self._warm_up(key, engine)

@@ -24,7 +24,7 @@ from multiprocessing.process import BaseProcess
 
 import zmq
 
-from splitserve.config import ServerConfig
+from splitserve.config import ServerConfig, build_engines
 from splitserve.protocol.rest import describe_services
 from splitserve.runtime import messages as msg
 from splitserve.runtime.cpu_worker import run_cpu_worker
@@ -58,8 +58,9 @@ class Supervisor:
     def __init__(self, cfg: ServerConfig) -> None:
         check_port_free(cfg.host, cfg.port)
         classes = cfg.load_services()
+        artifacts = build_engines(classes)
         run_dir = tempfile.mkdtemp(prefix="splitserve-")
-        self.cfg = replace(cfg, run_dir=run_dir, supervisor_pid=os.getpid())
+        self.cfg = replace(cfg, run_dir=run_dir, supervisor_pid=os.getpid(), artifacts=artifacts)
         self.mp = multiprocessing.get_context("spawn")
         layout = self.cfg.engine_layout(classes)
         catalogue = describe_services(classes)

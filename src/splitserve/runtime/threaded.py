@@ -16,7 +16,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from splitserve.config import ServerConfig
+from splitserve.config import ServerConfig, build_engines
 from splitserve.errors import DeadlineExceeded, Overloaded
 from splitserve.protocol.rest import create_app, describe_services, serve_app
 from splitserve.runtime import messages as msg
@@ -33,11 +33,18 @@ class ThreadedDispatcher:
     def __init__(self, cfg: ServerConfig) -> None:
         self.cfg = cfg
         classes = cfg.load_services()
+        cfg.artifacts = build_engines(classes)
         self.catalogue = describe_services(classes)
         # engine_threads None: the backend's default (all cores), as a classic service has
         self.services = {
             name: InProcessService(
-                cls, engine_threads=cfg.engine_threads, max_image_pixels=cfg.max_image_pixels
+                cls,
+                engine_threads=cfg.engine_threads,
+                max_image_pixels=cfg.max_image_pixels,
+                artifacts={
+                    m: cfg.model_file(cls, f"{name}/{m}", model)
+                    for m, model in cls.declared_models().items()
+                },
             )
             for name, cls in classes.items()
         }

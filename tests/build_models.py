@@ -1,0 +1,83 @@
+"""Small ONNX models for the engine-build tests, written by code (never committed).
+
+``sensitive``: an MLP whose last layer ("project") has weights beyond fp16's largest
+value (65504): all-fp16 cannot be right; keeping that one layer in fp32 is the fix.
+``small_cnn``: two convolutions, pooling and a dense layer, for int8.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+SENSITIVE_WIDTH = 16
+CNN_SHAPE = (3, 32, 32)
+
+
+def _save(nodes, inputs, outputs, initializers, path: Path) -> None:
+    import onnx
+    from onnx import helper
+
+    graph = helper.make_graph(nodes, path.stem, inputs, outputs, initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+
+
+def make_sensitive(path: Path) -> None:
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(7)
+    inits = [
+        numpy_helper.from_array(rng.normal(0, 0.5, (SENSITIVE_WIDTH, 64)).astype(np.float32), "w1"),
+        numpy_helper.from_array(rng.normal(0, 0.2, (64, 32)).astype(np.float32), "w2"),
+        # weights beyond fp16's range (65504): an fp16 copy of them cannot be right
+        numpy_helper.from_array(rng.uniform(1e5, 3e5, (32, 8)).astype(np.float32), "wide"),
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h1"], name="dense1"),
+        helper.make_node("Relu", ["h1"], ["r1"], name="relu1"),
+        helper.make_node("MatMul", ["r1", "w2"], ["h2"], name="dense2"),
+        helper.make_node("Relu", ["h2"], ["r2"], name="relu2"),
+        helper.make_node("MatMul", ["r2", "wide"], ["y"], name="project"),
+    ]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", SENSITIVE_WIDTH])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 8])
+    _save(nodes, [x], [y], inits, path)
+
+
+def make_small_cnn(path: Path) -> None:
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(3)
+    inits = [
+        numpy_helper.from_array(rng.normal(0, 0.3, (16, 3, 3, 3)).astype(np.float32), "c1"),
+        numpy_helper.from_array(rng.normal(0, 0.1, (16,)).astype(np.float32), "b1"),
+        numpy_helper.from_array(rng.normal(0, 0.1, (32, 16, 3, 3)).astype(np.float32), "c2"),
+        numpy_helper.from_array(rng.normal(0, 0.1, (32,)).astype(np.float32), "b2"),
+        numpy_helper.from_array(rng.normal(0, 0.3, (10, 32)).astype(np.float32), "fc"),
+        numpy_helper.from_array(rng.normal(0, 0.1, (10,)).astype(np.float32), "fcb"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "c1", "b1"], ["a1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["a1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "c2", "b2"], ["a2"], name="conv2", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["a2"], ["r2"], name="relu2"),
+        helper.make_node("GlobalAveragePool", ["r2"], ["p"], name="pool"),
+        helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
+        helper.make_node("Gemm", ["f", "fc", "fcb"], ["y"], name="dense", transB=1),
+    ]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", *CNN_SHAPE])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 10])
+    _save(nodes, [x], [y], inits, path)
+
+
+def write_inputs(folder: Path, shape: tuple[int, ...], count: int, seed: int = 0) -> None:
+    """``count`` .npy batches of 4 rows, values like a normalised image or embedding."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        np.save(folder / f"batch_{i:03d}.npy", rng.normal(0, 1, (4, *shape)).astype(np.float32))

@@ -1,0 +1,256 @@
+"""`splitserve build`: precision preparation, the accuracy gate, the fp32 search, the cache,
+and servers that build or reuse engines on start. Real models, real ONNX Runtime."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from splitserve.build.builder import BuildSpec, GateRejected, build
+from splitserve.build.data import DataError
+from splitserve.build.gate import output_error
+from splitserve.build.precision import PrecisionError
+from splitserve.engines.onnxruntime import OnnxRuntimeEngine
+from tests.build_models import CNN_SHAPE, SENSITIVE_WIDTH, make_sensitive, make_small_cnn
+from tests.build_models import write_inputs as write_batches
+from tests.conftest import ROOT, Server
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("build-models")
+    make_sensitive(base / "sensitive.onnx")
+    make_small_cnn(base / "cnn.onnx")
+    write_batches(base / "sensitive_inputs", (SENSITIVE_WIDTH,), 8, seed=1)
+    write_batches(base / "cnn_inputs", CNN_SHAPE, 8, seed=2)
+    return {
+        "sensitive": base / "sensitive.onnx",
+        "cnn": base / "cnn.onnx",
+        "sensitive_inputs": base / "sensitive_inputs",
+        "cnn_inputs": base / "cnn_inputs",
+    }
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch) -> Path:
+    root = tmp_path / "cache"
+    monkeypatch.setenv("SPLITSERVE_CACHE_DIR", str(root))
+    return root
+
+
+def _outputs(path: Path, batch: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": batch})[0]
+
+
+def test_gate_rejects_broken_fp16_build_and_auto_search_fixes_it(models, cache):
+    spec = BuildSpec(
+        models["sensitive"], "fp16", calibration=models["sensitive_inputs"], tolerance=1e-3
+    )
+    with pytest.raises(GateRejected) as rejected:
+        build(spec)
+    report = rejected.value.report
+    assert not report["gate"]["passed"]
+    assert report["gate"]["outputs"]["y"]["rel_l2"] > 0.5  # weights clipped to fp16's range
+    assert not list((cache / "engines").glob("*/model.onnx")), "a rejected engine was cached"
+    assert list((cache / "engines").glob("*.rejected.json"))
+
+    spec.keep_fp32 = ("auto",)
+    artifact = build(spec)
+    report = artifact.report
+    assert report["gate"]["passed"]
+    assert report["kept_fp32"] == ["project"], report["kept_fp32"]  # the one layer, no more
+    assert report["search"]["probes"][-1]["passed"]
+    # What was built: fp16 weights outside the kept layer, the kept layer's in fp32.
+    built = onnx.load(artifact.path)
+    types = {init.name: init.data_type for init in built.graph.initializer}
+    assert types["wide"] == onnx.TensorProto.FLOAT
+    assert onnx.TensorProto.FLOAT16 in types.values()
+    x = np.load(models["sensitive_inputs"] / "batch_007.npy")
+    err = output_error(_outputs(models["sensitive"], x), _outputs(artifact.path, x))
+    assert err.rel_l2 < 1e-3
+
+
+def test_int8_build_is_quantized_gated_and_cached(models, cache):
+    spec = BuildSpec(models["cnn"], "int8", calibration=models["cnn_inputs"])
+    first = build(spec)
+    assert not first.reused
+    report = first.report
+    assert report["gate"]["passed"]
+    assert report["gate"]["outputs"]["y"]["rel_l2"] < 0.1
+    assert report["latency"]["fp32_ms"] > 0 and report["latency"]["engine_ms"] > 0
+    assert report["device"].startswith("cpu:")
+    assert "onnxruntime" in report["versions"]
+    # The saved artifact carries the optimised int8 graph (Q/DQ folded into int8 kernels
+    # or kept as QuantizeLinear pairs): no fp32-only graph slipped through.
+    ops = {n.op_type for n in onnx.load(first.path).graph.node}
+    assert ops & {"QuantizeLinear", "QLinearConv", "DynamicQuantizeLinear", "ConvInteger"}
+    assert (first.directory / "report.json").exists()
+
+    again = build(spec)
+    assert again.reused and again.directory == first.directory
+
+    # Anything in the key changes the entry: here the fp32 keep list.
+    spec.keep_fp32 = ("conv1",)
+    other = build(spec)
+    assert not other.reused and other.directory != first.directory
+    assert other.report["kept_fp32"] == ["conv1"]
+
+
+def test_int8_needs_calibration_and_tensor_files_must_match_inputs(models, cache, tmp_path):
+    with pytest.raises(DataError, match="calibration"):
+        build(BuildSpec(models["cnn"], "int8"))
+    wrong = tmp_path / "images"
+    wrong.mkdir()
+    (wrong / "a.jpg").write_bytes(b"not really")
+    (wrong / "b.jpg").write_bytes(b"not really")
+    with pytest.raises(DataError, match="--service"):
+        build(BuildSpec(models["cnn"], "int8", calibration=wrong))
+    with pytest.raises(PrecisionError, match="neither a node name nor an op type"):
+        build(BuildSpec(models["cnn"], "fp16", keep_fp32=("NoSuchLayer",)))
+
+
+def test_bf16_on_the_cpu_provider_is_a_clear_error(models, cache):
+    with pytest.raises(PrecisionError, match="bf16 needs a GPU backend"):
+        build(BuildSpec(models["cnn"], "bf16", calibration=models["cnn_inputs"]))
+
+
+def _cli(*args: str, env_cache: Path) -> subprocess.CompletedProcess:
+    import os
+
+    env = dict(os.environ, SPLITSERVE_CACHE_DIR=str(env_cache))
+    return subprocess.run(
+        [sys.executable, "-m", "splitserve.cli", "build", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+
+
+def test_cli_rejects_then_builds_with_auto_and_writes_reports(models, cache, tmp_path):
+    base = [
+        str(models["sensitive"]),
+        "--precision",
+        "fp16",
+        "--tolerance",
+        "0.001",
+        "--calibration",
+        str(models["sensitive_inputs"]),
+    ]
+    rejected = _cli(*base, "--report", str(tmp_path / "rejected.json"), env_cache=cache)
+    assert rejected.returncode == 1, rejected.stderr
+    assert "fails the accuracy gate" in rejected.stderr
+    assert not json.loads((tmp_path / "rejected.json").read_text())["gate"]["passed"]
+
+    out = tmp_path / "model-fp16.onnx"
+    done = _cli(
+        *base,
+        "--keep-fp32",
+        "auto",
+        "--output",
+        str(out),
+        "--report",
+        str(tmp_path / "report.json"),
+        env_cache=cache,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "kept in fp32: project" in done.stdout
+    assert out.exists()
+    assert json.loads((tmp_path / "report.json").read_text())["kept_fp32"] == ["project"]
+
+    reused = _cli(*base, "--keep-fp32", "auto", env_cache=cache)
+    assert reused.returncode == 0 and reused.stdout.startswith("reused"), reused.stdout
+
+
+def test_cli_tensorrt_without_tensorrt_says_what_is_missing(models, cache):
+    pytest.importorskip("onnx")
+    try:
+        import tensorrt  # noqa: F401
+
+        pytest.skip("tensorrt is installed here")
+    except ImportError:
+        pass
+    done = _cli(str(models["cnn"]), "--precision", "fp16", "--backend", "tensorrt", env_cache=cache)
+    assert done.returncode == 2
+    assert "tensorrt backend needs NVIDIA TensorRT" in done.stderr
+
+
+def test_cli_torch_backend_explains_where_its_precision_comes_from(models, cache):
+    done = _cli(str(models["cnn"]), "--precision", "fp16", "--backend", "torch", env_cache=cache)
+    assert done.returncode == 2
+    assert "dtype" in done.stderr
+
+
+def test_io_binding_gives_the_same_outputs_as_run(models):
+    x = np.load(models["cnn_inputs"] / "batch_000.npy")
+    plain = OnnxRuntimeEngine(models["cnn"], threads=1)
+    bound = OnnxRuntimeEngine(models["cnn"], threads=1, options={"io_binding": True})
+    assert bound.io_binding and not plain.io_binding
+    np.testing.assert_array_equal(plain.infer({"x": x})["y"], bound.infer({"x": x})["y"])
+
+
+@pytest.mark.parametrize("mode", ["split", "threaded"])
+def test_server_builds_on_first_start_and_reuses_the_cache(mode, cache):
+    """A Model with precision="fp16", keep_fp32=("auto",): built and gated on start, then
+    served; the next start takes it from the cache and says so."""
+    services = ["tests.services:SensitiveFp16"]
+    args = ["--mode", mode, "--cpu-workers", "1"]
+    x = np.load(ROOT / "tests/_models/sensitive_inputs/batch_000.npy")
+    reference = _outputs(ROOT / "tests/_models/sensitive.onnx", x)
+    for start, word in ((1, "built"), (2, "reusing cached")):
+        server = Server(services, *args)
+        try:
+            assert f"sensitivefp16/model: {word} fp16 engine" in server.log(), server.log()
+            assert "kept in fp32: project" in server.log()
+            reply = server.post("sensitivefp16", json={"x": x.tolist()})
+            assert reply.status_code == 200, reply.text
+            got = np.array(reply.json()["y"], dtype=np.float32)
+            assert output_error(reference, got).rel_l2 < 1e-3, start
+        finally:
+            server.stop()
+
+
+def test_server_refuses_to_start_when_the_gate_rejects(cache):
+    import os
+
+    from tests.conftest import free_port
+
+    server_cmd = [
+        sys.executable,
+        "-m",
+        "splitserve.cli",
+        "serve",
+        "tests.services:SensitiveFp16Strict",
+        "--port",
+        str(free_port()),
+    ]
+    done = subprocess.run(
+        server_cmd,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=dict(os.environ, SPLITSERVE_CACHE_DIR=str(cache)),
+    )
+    assert done.returncode != 0
+    assert "fails the accuracy gate" in done.stderr
+
+
+def test_ocr_agreement_counts_equal_text_lines():
+    from examples.ocr.service import text_lines_equal
+
+    assert text_lines_equal(["a b", "c"], ["a b", "c"]) == (2, 2)
+    assert text_lines_equal(["a b", "c"], ["ab", "c"]) == (1, 2)  # a space is text
+    assert text_lines_equal(["a", "b", "c"], ["a", "c"]) == (2, 3)  # a line lost
+    assert text_lines_equal([], []) == (0, 0)
