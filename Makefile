@@ -18,7 +18,7 @@ serve: $(BIN)/python
 
 # Install everything the tests need, then run the whole suite.
 test: $(BIN)/python
-	$(BIN)/pip install --quiet -e '.[ocr,bench,dev]'
+	$(BIN)/pip install --quiet -e '.[ocr,build,bench,dev]'
 	$(BIN)/python examples/noop/make_model.py
 	$(BIN)/python -m pytest -q
 

@@ -20,8 +20,8 @@ from loadgen import free_port, run_closed_loop, start_server, stop_server
 
 
 def run_configs(
-    service: str,
-    route: str,
+    service: str | None,
+    route: str | dict[str, str],
     configs: dict[str, list[str]],
     bodies: list[bytes],
     content_type: str,
@@ -32,13 +32,18 @@ def run_configs(
     warmup_s: float,
     check: Callable[[str], dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
-    """One row per (round, configuration, concurrency); ``check(url)`` runs first."""
+    """One row per (round, configuration, concurrency); ``check(url)`` runs first.
+
+    ``service=None``: each configuration's arguments name their own service first, and
+    ``route`` maps configuration names to their service routes.
+    """
     rows: list[dict[str, Any]] = []
     for round_no in range(rounds):
         for name, args in configs.items():
             port = free_port()
-            proc = start_server([service, *args], port)
-            url = f"http://127.0.0.1:{port}/v1/services/{route}"
+            proc = start_server([service, *args] if service else list(args), port)
+            path = route if isinstance(route, str) else route[name]
+            url = f"http://127.0.0.1:{port}/v1/services/{path}"
             try:
                 checked = check(url) if check else {}
                 for concurrency in concurrencies:

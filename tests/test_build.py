@@ -254,3 +254,25 @@ def test_ocr_agreement_counts_equal_text_lines():
     assert text_lines_equal(["a b", "c"], ["ab", "c"]) == (1, 2)  # a space is text
     assert text_lines_equal(["a", "b", "c"], ["a", "c"]) == (2, 3)  # a line lost
     assert text_lines_equal([], []) == (0, 0)
+
+
+def test_search_rounds_rerank_and_trim_to_the_needed_layers():
+    """The search logic alone: layer "c" only shows its loss once "a" is kept (as a
+    layer fed by an overflowing one does); the answer is exactly {a, c}."""
+    from splitserve.build.search import search_keep
+
+    needed = {"a", "c"}
+    layers = ["a", "b", "c", "d", "e", "f", "g", "h"]
+
+    def attempt(extra: list[str]) -> tuple[bool, str, object]:
+        return needed <= set(extra), "", frozenset(extra)
+
+    def rank(built: object, kept: set[str]) -> list[str]:
+        order = ["c", "b", "d"] if "a" in built else ["a", "b", "d", "e", "c"]  # type: ignore[operator]
+        rest = [x for x in layers if x not in order]
+        return [x for x in order + rest if x not in kept]
+
+    result = search_keep(attempt, rank, frozenset())
+    assert result.passed
+    assert sorted(result.extra) == ["a", "c"]
+    assert len(result.probes) <= 4

@@ -72,3 +72,36 @@ def test_dry_run_writes_a_simulated_table(tmp_path: Path) -> None:
     assert report["gpu_limit_rps"] > 0
     assert (tmp_path / "gpu_bench.md").read_text().startswith("SIMULATED")
     assert report["elapsed_s"] < 120
+
+
+def test_engine_precision_script_dry_run(tmp_path: Path) -> None:
+    """benchmarks/gpu/engines.py --dry-run: every configuration at batch 1, 8, 32, and the
+    low-precision engine checked against fp32 (on the CPU: bf16 eager)."""
+    env = {k: v for k, v in os.environ.items() if k != "OUT"}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks/gpu/engines.py"),
+            "--dry-run",
+            "--seconds",
+            "0.2",
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "gpu_engines.json").read_text())
+    assert report["dry_run"] and not report["failed"]
+    names = [c["info"]["config"] for c in report["configs"]]
+    assert names == ["fp32 eager", "bf16 eager"]
+    for config in report["configs"]:
+        assert [r["batch"] for r in config["rows"]] == [1, 8, 32]
+        assert all(r["images_per_s"] > 0 for r in config["rows"])
+    check = report["configs"][1]["check"]
+    assert check["top1_agree_vs_fp32"] >= 0.75 and check["relative_l2_vs_fp32"] < 0.05
+    assert "DRY RUN" in (tmp_path / "gpu_engines.md").read_text()

@@ -125,6 +125,23 @@ def test_equal_to_onnx_runtime_in_fp32(tmp_path: Path) -> None:
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
+def test_exported_program_gives_the_modules_outputs(tmp_path: Path) -> None:
+    """A ``.pt2`` file from torch.export serves without the model's Python code."""
+    module = tiny_resnet().eval()
+    path = tmp_path / "tiny.pt2"
+    exported = torch.export.export(
+        module,
+        (torch.from_numpy(images(2)),),
+        dynamic_shapes=({0: torch.export.Dim("batch", max=64)},),
+    )
+    torch.export.save(exported, str(path))
+    engine = TorchEngine(str(path), CPU)
+    x = images(3, seed=5)
+    with torch.inference_mode():
+        want = module(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(engine.infer({"images": x})["logits"], want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_half_precision_on_cpu_is_close_and_answers_in_the_declared_dtype(dtype: str) -> None:
     fp32 = TorchEngine(TINY, CPU).infer({"images": images(2)})["logits"]

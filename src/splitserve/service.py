@@ -28,6 +28,11 @@ InferFn = Callable[[str, Mapping[str, np.ndarray]], Awaitable[Tensors]]
 DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
 
 
+# The least share of a service's answers (its own ``agreement`` measure) that a lower
+# precision build must keep equal to fp32's, unless a model says otherwise.
+DEFAULT_MIN_AGREEMENT = 0.98
+
+
 @dataclass(frozen=True)
 class Model:
     """A model a service uses, and how its engine batches it.
@@ -36,8 +41,9 @@ class Model:
     service's module. ``precision`` other than fp32 makes the server serve an engine
     built by ``splitserve build`` (from the engine cache, built on start when missing)
     with ``calibration`` (a folder of request bodies or .npy/.npz inputs, relative like
-    ``path``), ``keep_fp32`` (node names, op types, or ``("auto",)``) and ``tolerance``
-    (largest relative L2 error of any output on held-out inputs).
+    ``path``), ``keep_fp32`` (node names, op types, or ``("auto",)``), ``tolerance``
+    (largest relative L2 error of any output on held-out inputs) and ``min_agreement``
+    (the service's own ``agreement`` ratio with fp32 on held-out requests).
 
     ``pad_axes`` names, per input, the axes along which requests of different sizes may
     be zero-padded (``pad_value``) to share a batch; requests whose shapes differ
@@ -61,6 +67,7 @@ class Model:
     calibration: str = ""
     keep_fp32: tuple[str, ...] = ()
     tolerance: float | None = None
+    min_agreement: float = DEFAULT_MIN_AGREEMENT
 
     @property
     def needs_build(self) -> bool:

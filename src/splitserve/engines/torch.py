@@ -38,6 +38,7 @@ import os
 import sys
 import threading
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -159,12 +160,27 @@ class _Pinned:
         return buf[:nbytes].view(dtype).view(tuple(shape))
 
 
+def load_module(target: str) -> Any:
+    """The module ``target`` names: a ``.pt2`` file (``torch.export.save``), or a factory.
+
+    An exported program carries its own graph and weights, so no Python code of the model
+    needs to be importable where it is served; its batch axis must have been exported as
+    dynamic (``torch.export.Dim``) for batches of several sizes.
+    """
+    if target.endswith(".pt2"):
+        path = Path(target)
+        if not path.exists():
+            raise FileNotFoundError(f"torch engine: no exported program at {path}")
+        return torch.export.load(str(path)).module()
+    return load_factory(target)()
+
+
 class TorchEngine(Engine):
-    """A PyTorch module from a factory, run in inference mode on one device.
+    """A PyTorch module from a factory or an exported program, in inference mode.
 
     ``target`` is ``package.module:factory`` (the factory takes no argument and returns
-    an ``nn.Module``); ``max_batch_size`` sets the CUDA-graph buckets; ``threads`` the
-    intra-op threads on the CPU.
+    an ``nn.Module``) or a ``.pt2`` exported program; ``max_batch_size`` sets the
+    CUDA-graph buckets; ``threads`` the intra-op threads on the CPU.
     """
 
     def __init__(
@@ -210,10 +226,12 @@ class TorchEngine(Engine):
         if threads and not self.cuda:
             torch.set_num_threads(int(threads))
 
-        module = load_factory(target)()
+        module = load_module(target)
         if not isinstance(module, torch.nn.Module):
             raise TypeError(f"{target!r} returned {type(module).__name__}, not a torch.nn.Module")
-        module = module.eval().requires_grad_(False).to(device=self.device, dtype=self.dtype)
+        if not target.endswith(".pt2"):  # an exported program is fixed in its export mode
+            module = module.eval()
+        module = module.requires_grad_(False).to(device=self.device, dtype=self.dtype)
         if self.channels_last:
             module = module.to(memory_format=torch.channels_last)
         self.module = module
