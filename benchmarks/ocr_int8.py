@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import logging
 import statistics
 import sys
 import tempfile
@@ -34,22 +35,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np
 from loadgen import machine
 from modes import print_summary, run_configs, summarise
+from ocr_modes import CONFIGS
 
 from examples.ocr.compare import match_truth
 from examples.ocr.make_images import generate_documents, load_truth
 from examples.ocr.service import text_lines_equal
 
 CALIBRATION_DIR = Path(__file__).resolve().parent.parent / "examples" / "ocr" / "calibration"
-LAYOUT = [
-    "--cpu-workers",
-    "1",
-    "--worker-concurrency",
-    "16",
-    "--engine-replicas",
-    "2",
-    "--engine-threads",
-    "1",
-]
+LAYOUT = CONFIGS["split, 1 CPU worker, 2 engines x 1 thread"]  # the best fp32 layout
 SERVICES = {
     "fp32": ("examples.ocr.service:OCRService", "ocr"),
     "int8 gated (auto fp32 layers, >= 98% lines)": ("examples.ocr.int8:OCRInt8", "ocr-int8"),
@@ -133,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     duration, warmup = (5.0, 2.0) if args.quick else (args.duration, 8.0)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger().setLevel(logging.WARNING)
+    logging.getLogger("splitserve").setLevel(logging.INFO)
 
     if not CALIBRATION_DIR.is_dir():
         generate_documents(CALIBRATION_DIR, 16, seed=1001, truth=False)

@@ -29,6 +29,10 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from run import time_calls  # noqa: E402
+
 BATCHES = (1, 8, 32)
 GPU_CONFIGS = {
     "fp32 eager": {"dtype": "float32", "cuda_graphs": False},
@@ -71,14 +75,7 @@ def child(name: str, dry_run: bool, seconds: float, out: Path) -> None:
     rows = []
     for batch in BATCHES:
         x = {"images": rng.standard_normal((batch, 3, size, size), dtype=np.float32)}
-        for _ in range(3):
-            engine.infer(x)
-        times: list[float] = []
-        t0 = time.monotonic()
-        while (len(times) < 5 or time.monotonic() - t0 < seconds) and len(times) < 50_000:
-            started = time.perf_counter()
-            engine.infer(x)
-            times.append(time.perf_counter() - started)
+        times = time_calls(lambda x=x: engine.infer(x), seconds, 50_000)
         rows.append(
             {
                 "batch": batch,

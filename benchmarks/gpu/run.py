@@ -174,6 +174,20 @@ class GpuSampler:
 # --- engine only ------------------------------------------------------------------------
 
 
+def time_calls(call: Any, seconds: float, max_calls: int) -> list[float]:
+    """Seconds per call of ``call()``, after 3 untimed ones: at least 5 calls, then until
+    ``seconds`` have passed (at most ``max_calls``)."""
+    for _ in range(3):
+        call()
+    times: list[float] = []
+    t0 = time.monotonic()
+    while (len(times) < 5 or time.monotonic() - t0 < seconds) and len(times) < max_calls:
+        started = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - started)
+    return times
+
+
 def engine_only_child(backend: str, batch_sizes: list[int], seconds: float, out: Path) -> None:
     """In a child process (its CUDA context goes away with it): time the engine alone."""
     import numpy as np
@@ -204,14 +218,8 @@ def engine_only_child(backend: str, batch_sizes: list[int], seconds: float, out:
         results = []
         for size in batch_sizes:
             batch = {"images": rng.standard_normal((size, 3, 224, 224), dtype=np.float32)}
-            for _ in range(3):
-                engine.infer(batch)
-            times: list[float] = []
             t0 = time.monotonic()
-            while (len(times) < 5 or time.monotonic() - t0 < seconds) and len(times) < 20_000:
-                started = time.perf_counter()
-                engine.infer(batch)
-                times.append(time.perf_counter() - started)
+            times = time_calls(lambda b=batch: engine.infer(b), seconds, 20_000)
             t1 = time.monotonic()
             ordered = sorted(times)
             results.append(
