@@ -99,7 +99,7 @@ def print_summary(summary: list[dict[str, Any]], baseline_prefix: str = "threade
         at = [r for r in summary if r["concurrency"] == concurrency]
         base = max((r["rps"] for r in at if r["config"].startswith(baseline_prefix)), default=0)
         split = max((r["rps"] for r in at if r["config"].startswith("split")), default=0)
-        if base:
+        if base and split:
             print(
                 f"concurrency {concurrency}: best split / best {baseline_prefix} = "
                 f"{split / base:.3f}"

@@ -47,6 +47,10 @@ SERVICES = {
     "fp32": ("examples.ocr.service:OCRService", "ocr"),
     "int8 gated (auto fp32 layers, >= 98% lines)": ("examples.ocr.int8:OCRInt8", "ocr-int8"),
     "int8 ungated (all Conv/MatMul)": ("examples.ocr.int8:OCRInt8Ungated", "ocr-int8-ungated"),
+    "int8 ungated (every layer that can be)": (
+        "examples.ocr.int8:OCRInt8AllUngated",
+        "ocr-int8-all-ungated",
+    ),
 }
 
 

@@ -7,7 +7,8 @@ Two declarations of the same pipeline, differing only in what the accuracy gate 
   keeps in fp32 whatever layers that takes.
 - ``OCRInt8Ungated``: every convolution and matrix product in int8, nothing kept, the
   gate only recording what it measures (tolerance and agreement set to accept
-  anything). The fastest int8 engines; what they change is in docs/benchmarks.md.
+  anything); ``OCRInt8AllUngated``: the same with every layer int8 that can be
+  (``int8_ops="all"``), the fastest. What they change is in docs/benchmarks.md.
 
 Both calibrate on a folder of generated documents, run through the service itself so
 the recogniser calibrates on real text-line crops::
@@ -52,4 +53,19 @@ class OCRInt8Ungated(OCRService):
         **OCRService.models,
         "det": _int8(OCRService.models["det"], tolerance=math.inf, min_agreement=0.0),
         "rec": _int8(OCRService.models["rec"], tolerance=math.inf, min_agreement=0.0),
+    }
+
+
+class OCRInt8AllUngated(OCRService):
+    """int8 det + rec with every quantisable layer int8 (not only Conv/MatMul); ungated."""
+
+    name = "ocr-int8-all-ungated"
+    models = {
+        **OCRService.models,
+        "det": _int8(
+            OCRService.models["det"], tolerance=math.inf, min_agreement=0.0, int8_ops="all"
+        ),
+        "rec": _int8(
+            OCRService.models["rec"], tolerance=math.inf, min_agreement=0.0, int8_ops="all"
+        ),
     }

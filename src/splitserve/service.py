@@ -43,7 +43,8 @@ class Model:
     with ``calibration`` (a folder of request bodies or .npy/.npz inputs, relative like
     ``path``), ``keep_fp32`` (node names, op types, or ``("auto",)``), ``tolerance``
     (largest relative L2 error of any output on held-out inputs) and ``min_agreement``
-    (the service's own ``agreement`` ratio with fp32 on held-out requests).
+    (the service's own ``agreement`` ratio with fp32 on held-out requests); ``int8_ops``
+    is ``"compute"`` (Conv/MatMul/Gemm in int8) or ``"all"`` (every layer that can be).
 
     ``pad_axes`` names, per input, the axes along which requests of different sizes may
     be zero-padded (``pad_value``) to share a batch; requests whose shapes differ
@@ -68,6 +69,7 @@ class Model:
     keep_fp32: tuple[str, ...] = ()
     tolerance: float | None = None
     min_agreement: float = DEFAULT_MIN_AGREEMENT
+    int8_ops: str = "compute"
 
     @property
     def needs_build(self) -> bool:
