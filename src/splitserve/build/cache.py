@@ -1,0 +1,120 @@
+"""The engine cache: built artifacts keyed by everything that decides their content.
+
+Key: the source model's hash, the precision, the fp32 keep request, the backend, the
+device, the library versions, the calibration and held-out data's hashes, and the
+gate's settings. A server asking for the same engine reuses it; a change to any of
+these builds a new one. Entries are written to a temporary folder and renamed into
+place, so a half-written build is never reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import platform
+import shutil
+from collections.abc import Mapping
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+REPORT = "report.json"
+VERSIONED = ("splitserve", "onnx", "onnxruntime", "onnxconverter-common", "tensorrt", "torch")
+
+
+def cache_root() -> Path:
+    """``$SPLITSERVE_CACHE_DIR``, else ``$XDG_CACHE_HOME/splitserve``, else ~/.cache/splitserve."""
+    explicit = os.environ.get("SPLITSERVE_CACHE_DIR")
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "splitserve"
+
+
+def library_versions() -> dict[str, str]:
+    versions = {}
+    for name in VERSIONED:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_name(backend: str, options: Mapping[str, Any]) -> str:
+    """What the engine is built for: the GPU for TensorRT/CUDA, otherwise the CPU model."""
+    providers = options.get("providers") or []
+    if backend == "tensorrt" or any("CUDA" in p or "Tensorrt" in p for p in providers):
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                return "cuda:" + torch.cuda.get_device_name(0)
+        except ImportError:
+            pass
+        return "cuda"
+    if backend == "onnxruntime" and not providers:
+        from splitserve.engines.onnxruntime import default_providers
+
+        if default_providers()[0] != "CPUExecutionProvider":
+            return "onnxruntime:" + default_providers()[0]
+    return "cpu:" + cpu_name()
+
+
+def file_hash(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def cache_key(fields: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def entry_dir(stem: str, precision: str, key: str, root: Path | None = None) -> Path:
+    return (root or cache_root()) / "engines" / f"{stem}-{precision}-{key}"
+
+
+def read_report(directory: Path) -> dict[str, Any] | None:
+    """The report of a complete entry, or None when there is none."""
+    try:
+        return json.loads((directory / REPORT).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no inf/NaN: write them as strings a reader can still parse."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+def write_report(path: Path, report: Mapping[str, Any]) -> None:
+    path.write_text(json.dumps(_finite(dict(report)), indent=2) + "\n")
+
+
+def publish(staging: Path, directory: Path) -> None:
+    """Move a finished build into place (replacing an older one: --force)."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    if directory.exists():
+        shutil.rmtree(directory)
+    os.replace(staging, directory)

@@ -1,0 +1,326 @@
+"""Precision as a graph edit: the ONNX model every backend then loads.
+
+TensorRT 11 dropped builder precision flags, so precision is decided here, in the graph,
+for every backend alike: fp16/bf16 insert casts around the layers that stay fp32 (model
+inputs and outputs keep their fp32 type), int8 inserts QuantizeLinear/DequantizeLinear
+pairs whose scales come from calibration. ``keep_fp32`` names nodes or op types that
+keep full precision.
+
+The tools are the ones made for the job: onnxconverter-common's float16 converter and
+onnxruntime.quantization's static QDQ quantiser.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto
+
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+# Per-channel weight scales need DequantizeLinear's ``axis`` (opset 13).
+MIN_QDQ_OPSET = 13
+# int8 coverage. "compute": the layers int8 makes faster by itself (integer dot
+# products), everything between them stays fp32 behind Q/DQ pairs. "all": also the
+# layers ONNX Runtime can run on int8 tensors (element-wise, pooling, resize, concat...),
+# so tensors stay int8 from one convolution to the next: fewer conversions, more speed,
+# more rounding.
+INT8_OP_TYPES = {
+    "compute": ("Conv", "ConvTranspose", "MatMul", "Gemm"),
+    "all": None,  # the quantiser's own list of every op it can quantise
+}
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence the converters' per-tensor warnings (hundreds per model); the accuracy
+    gate measures what they warn about."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logging.disable(logging.WARNING)
+        try:
+            yield
+        finally:
+            logging.disable(logging.NOTSET)
+
+
+class PrecisionError(ValueError):
+    """A precision that cannot be prepared as asked (never silently replaced)."""
+
+
+@dataclass(frozen=True)
+class KeepList:
+    """``--keep-fp32`` resolved against a graph: node names and op types."""
+
+    nodes: tuple[str, ...] = ()
+    op_types: tuple[str, ...] = ()
+
+    def node_names(self, model: onnx.ModelProto) -> list[str]:
+        """Every node kept: the named ones and all nodes of the kept op types."""
+        kept = set(self.nodes)
+        return [n.name for n in model.graph.node if n.name in kept or n.op_type in self.op_types]
+
+    def as_list(self) -> list[str]:
+        return sorted(self.nodes) + sorted(self.op_types)
+
+
+def resolve_keep(model: onnx.ModelProto, names: Iterable[str]) -> KeepList:
+    """Sort ``names`` into op types and node names; an unknown name is an error."""
+    op_types = {n.op_type for n in model.graph.node}
+    node_names = {n.name for n in model.graph.node}
+    nodes, types = [], []
+    for name in names:
+        if name in op_types:
+            types.append(name)
+        elif name in node_names:
+            nodes.append(name)
+        else:
+            raise PrecisionError(f"--keep-fp32 {name!r} is neither a node name nor an op type")
+    return KeepList(tuple(sorted(set(nodes))), tuple(sorted(set(types))))
+
+
+def name_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Give every unnamed node a unique name: keep lists and reports refer to nodes by it."""
+    taken = {n.name for n in model.graph.node if n.name}
+    for i, node in enumerate(model.graph.node):
+        if not node.name:
+            name = f"{node.op_type}_{i}"
+            while name in taken:
+                name += "_"
+            node.name = name
+            taken.add(name)
+    return model
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def upgrade_opset(model: onnx.ModelProto, version: int) -> onnx.ModelProto:
+    """The model at ``version`` of the default opset when it is older (QDQ needs 13)."""
+    if default_opset(model) >= version:
+        return model
+    from onnx import version_converter
+
+    return version_converter.convert_version(model, version)
+
+
+def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
+    """ONNX Runtime's basic graph optimisations (constant folding, Constant nodes turned
+    into initializers, redundant nodes removed), the graph every precision starts from.
+
+    Exporters often emit weights as Constant nodes; quantisers only recognise
+    initializers as weights, and would otherwise quantise them like activations.
+    """
+    import tempfile
+
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    with tempfile.TemporaryDirectory(prefix="splitserve-fold-") as tmp:
+        so.optimized_model_filepath = str(Path(tmp, "folded.onnx"))
+        ort.InferenceSession(
+            model.SerializeToString(), sess_options=so, providers=["CPUExecutionProvider"]
+        )
+        return onnx.load(so.optimized_model_filepath)
+
+
+def to_fp16(model: onnx.ModelProto, keep: KeepList) -> onnx.ModelProto:
+    """fp16 everywhere except ``keep``; inputs and outputs stay fp32."""
+    from onnxconverter_common.float16 import convert_float_to_float16
+
+    with _quiet():
+        converted = convert_float_to_float16(
+            model,
+            keep_io_types=True,
+            node_block_list=list(keep.nodes),
+            op_block_list=_fp16_op_blocks(keep),
+        )
+    return _restore_output_types(model, converted)
+
+
+def _restore_output_types(original: onnx.ModelProto, converted: onnx.ModelProto) -> onnx.ModelProto:
+    """Keep fp32 graph outputs fp32 even when a kept layer produces them.
+
+    The converter casts a kept (fp32) layer's result to fp16 on the way to the graph
+    output, despite ``keep_io_types``, so large values overflow there; that last cast is
+    turned back into an fp32 one here.
+    """
+    wanted = {o.name: o.type.tensor_type.elem_type for o in original.graph.output}
+    producers = {out: node for node in converted.graph.node for out in node.output}
+    for output in converted.graph.output:
+        want = wanted.get(output.name)
+        if want != TensorProto.FLOAT or output.type.tensor_type.elem_type == want:
+            continue
+        node = producers.get(output.name)
+        if node is None or node.op_type != "Cast":
+            raise PrecisionError(f"cannot keep graph output {output.name!r} in fp32")
+        for attr in node.attribute:
+            if attr.name == "to":
+                attr.i = TensorProto.FLOAT
+        output.type.tensor_type.elem_type = TensorProto.FLOAT
+    return converted
+
+
+def _fp16_op_blocks(keep: KeepList) -> list[str]:
+    from onnxconverter_common.float16 import DEFAULT_OP_BLOCK_LIST
+
+    return sorted(set(DEFAULT_OP_BLOCK_LIST) | set(keep.op_types))
+
+
+def to_bf16(model: onnx.ModelProto, keep: KeepList) -> onnx.ModelProto:
+    """bf16 with the same cast placement as fp16 (the converter decides where casts go).
+
+    The fp16 graph is retyped: casts to fp16 become casts to bf16 and the weights are
+    converted from their original fp32 values (bf16 has fp32's range, so nothing needs
+    the clamping fp16 does).
+    """
+    import ml_dtypes
+
+    originals = {t.name: t for t in model.graph.initializer}
+    converted = to_fp16(model, keep)
+    for init in converted.graph.initializer:
+        if init.data_type != TensorProto.FLOAT16:
+            continue
+        source = originals.get(init.name)
+        values = onnx.numpy_helper.to_array(source if source is not None else init)
+        bf16 = np.asarray(values, dtype=np.float32).astype(ml_dtypes.bfloat16)
+        init.CopyFrom(onnx.numpy_helper.from_array(bf16, init.name))
+    for node in _all_nodes(converted.graph):
+        for attr in node.attribute:
+            if attr.name == "to" and attr.i == TensorProto.FLOAT16:
+                attr.i = TensorProto.BFLOAT16
+            if attr.type == onnx.AttributeProto.TENSOR and attr.t.data_type == TensorProto.FLOAT16:
+                values = onnx.numpy_helper.to_array(attr.t).astype(np.float32)
+                attr.t.CopyFrom(onnx.numpy_helper.from_array(values.astype(ml_dtypes.bfloat16)))
+    for info in _value_infos(converted.graph):
+        if info.type.tensor_type.elem_type == TensorProto.FLOAT16:
+            info.type.tensor_type.elem_type = TensorProto.BFLOAT16
+    return converted
+
+
+def _all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _all_nodes(attr.g)
+
+
+def _value_infos(graph: onnx.GraphProto) -> Iterator[onnx.ValueInfoProto]:
+    yield from graph.input
+    yield from graph.output
+    yield from graph.value_info
+
+
+class _Batches:
+    """onnxruntime.quantization's calibration reader over a list of input batches."""
+
+    def __init__(self, batches: Sequence[Mapping[str, np.ndarray]]) -> None:
+        self._iter = iter(batches)
+
+    def get_next(self) -> Mapping[str, np.ndarray] | None:
+        return next(self._iter, None)
+
+    def rewind(self) -> None:  # the interface has it; one pass is all calibration needs
+        pass
+
+
+def to_int8(
+    model: onnx.ModelProto,
+    keep: KeepList,
+    calibration: Sequence[Mapping[str, np.ndarray]],
+    calibration_cache: Path | None = None,
+    ops: str = "compute",
+) -> onnx.ModelProto:
+    """Static int8 QDQ: per-channel int8 weights, uint8 activations, min-max calibration.
+
+    uint8 activations with int8 weights (U8S8) is the fast combination of x86's VNNI
+    dot-product instructions and what ONNX Runtime's CPU kernels are built around;
+    TensorRT reads the same Q/DQ pairs (it requantises to its own symmetric int8).
+    ``calibration_cache`` (a JSON file) keeps the measured ranges between builds of one
+    model, so the fp32 search's probes skip calibration: keeping more layers in fp32
+    only ever needs a subset of the ranges the first build measured.
+    """
+    import tempfile
+
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    if not calibration:
+        raise PrecisionError("int8 needs calibration inputs (--calibration DIR)")
+    model = upgrade_opset(model, MIN_QDQ_OPSET)
+
+    class Reader(_Batches, CalibrationDataReader):
+        pass
+
+    with tempfile.TemporaryDirectory(prefix="splitserve-int8-") as tmp:
+        source, target = Path(tmp, "fp32.onnx"), Path(tmp, "int8.onnx")
+        onnx.save(model, source)
+        with _quiet():
+            quantize_static(
+                source,
+                target,
+                Reader(calibration),
+                quant_format=QuantFormat.QDQ,
+                per_channel=True,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                op_types_to_quantize=int8_op_types(ops),
+                nodes_to_exclude=keep.node_names(model),
+                calibrate_method=CalibrationMethod.MinMax,
+                extra_options={"CalibTensorRangeSymmetric": False},
+                calibration_cache_path=calibration_cache,
+            )
+        return onnx.load(target)
+
+
+def int8_op_types(ops: str) -> list[str] | None:
+    if ops not in INT8_OP_TYPES:
+        raise PrecisionError(f"int8 ops must be one of {sorted(INT8_OP_TYPES)}, got {ops!r}")
+    chosen = INT8_OP_TYPES[ops]
+    return None if chosen is None else list(chosen)
+
+
+def apply_precision(
+    model: onnx.ModelProto,
+    precision: str,
+    keep: KeepList,
+    calibration: Sequence[Mapping[str, np.ndarray]] = (),
+    calibration_cache: Path | None = None,
+    int8_ops: str = "compute",
+) -> onnx.ModelProto:
+    """``model`` (named nodes, fp32) with ``precision`` applied outside ``keep``."""
+    if precision == "fp32":
+        return model
+    if precision == "fp16":
+        return to_fp16(model, keep)
+    if precision == "bf16":
+        return to_bf16(model, keep)
+    if precision == "int8":
+        return to_int8(model, keep, calibration, calibration_cache, int8_ops)
+    raise PrecisionError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+
+
+def changed_nodes(model: onnx.ModelProto, precision: str, int8_ops: str = "compute") -> list[str]:
+    """The nodes a precision change can touch: the candidates ``--keep-fp32 auto`` weighs."""
+    if precision == "int8":
+        chosen = int8_op_types(int8_ops)
+        if chosen is None:
+            from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+
+            chosen = sorted(set(QDQRegistry) | set(QLinearOpsRegistry))
+        return [n.name for n in model.graph.node if n.op_type in chosen]
+    return [n.name for n in model.graph.node if n.op_type not in ("Constant", "Shape")]
