@@ -276,3 +276,45 @@ def test_search_rounds_rerank_and_trim_to_the_needed_layers():
     assert result.passed
     assert sorted(result.extra) == ["a", "c"]
     assert len(result.probes) <= 4
+
+
+def test_cli_build_with_the_service_declaration_is_what_the_server_reuses(cache):
+    """`splitserve build --service ... --model ...` and a server compute the same key."""
+    done = _cli(
+        "--service",
+        "tests.services:SensitiveFp16",
+        "--model",
+        "model",
+        "--precision",
+        "fp16",
+        env_cache=cache,
+    )
+    assert done.returncode == 0, done.stderr
+    server = Server(["tests.services:SensitiveFp16"], "--mode", "threaded")
+    try:
+        assert "sensitivefp16/model: reusing cached fp16 engine" in server.log(), server.log()
+    finally:
+        server.stop()
+
+
+def test_int8_for_tensorrt_is_symmetric_without_quantized_biases(models):
+    """TensorRT's parser accepts only symmetric int8 Q/DQ (zero points 0, int8 type)."""
+    from splitserve.build.precision import KeepList, apply_precision, fold_constants, name_nodes
+
+    source = name_nodes(fold_constants(onnx.load(models["cnn"])))
+    batches = [{"x": np.load(p)} for p in sorted(models["cnn_inputs"].glob("*.npy"))[:4]]
+    graph = apply_precision(source, "int8", KeepList(), batches, backend="tensorrt").graph
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer}
+    quantize = [n for n in graph.node if n.op_type == "QuantizeLinear"]
+    assert quantize
+    for node in quantize:
+        zero_point = inits[node.input[2]]
+        assert zero_point.dtype == np.int8 and not zero_point.any(), node.name
+    assert not any(v.dtype == np.int32 for v in inits.values()), "biases must stay fp32"
+
+
+def test_gate_accepts_non_finite_values_only_where_fp32_has_them():
+    ref = np.array([0.0, -np.inf, 1.0, 2.0])
+    assert output_error(ref, np.array([0.0, -np.inf, 1.0, 2.01])).finite
+    assert not output_error(ref, np.array([0.0, 5.0, 1.0, 2.0])).finite
+    assert not output_error(ref, np.array([np.inf, -np.inf, 1.0, 2.0])).finite

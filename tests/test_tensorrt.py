@@ -46,3 +46,8 @@ def test_without_tensorrt_the_backend_says_what_it_needs(tmp_path: Path):
     model = Model(str(tmp_path / "cnn.onnx"), backend="tensorrt")
     with pytest.raises(TensorRTUnavailable, match="pip install 'splitserve\\[tensorrt\\]'"):
         create_engine(model, tmp_path / "cnn.onnx", threads=1)
+
+
+def test_a_batch_axis_the_model_fixes_is_kept():
+    specs = [TensorSpec("x", "float32", (1, 3, 32, 32))]
+    assert profile_shapes(specs, 8)["x"] == ((1, 3, 32, 32),) * 3

@@ -101,8 +101,11 @@ def build_engines(classes: dict[str, type[Service]]) -> dict[str, str]:
         return {}
     from splitserve.build.artifacts import prepare_artifacts
     from splitserve.build.builder import GateRejected
+    from splitserve.build.data import DataError
+    from splitserve.build.precision import PrecisionError
+    from splitserve.engines.tensorrt import TensorRTUnavailable
 
     try:
         return prepare_artifacts(classes)
-    except GateRejected as exc:
-        raise SystemExit(f"splitserve: {exc}") from None
+    except (GateRejected, DataError, PrecisionError, TensorRTUnavailable) as exc:
+        raise SystemExit(f"splitserve: cannot build an engine: {exc}") from None

@@ -89,6 +89,11 @@ class Model:
             raise ValueError(f"pad_bucket must be >= 0, got {self.pad_bucket}")
         if self.precision not in ("fp32", "fp16", "bf16", "int8"):
             raise ValueError(f"precision must be fp32, fp16, bf16 or int8, got {self.precision!r}")
+        if self.precision != "fp32" and self.backend not in ("onnxruntime", "tensorrt"):
+            raise ValueError(
+                f"precision={self.precision!r} is built into ONNX graphs (onnxruntime or "
+                f"tensorrt); the {self.backend} backend takes it from options (torch: dtype)"
+            )
         if isinstance(self.keep_fp32, str):
             raise ValueError("keep_fp32 is a tuple of names, e.g. ('auto',) or ('Softmax',)")
         for name, axes in self.pad_axes.items():

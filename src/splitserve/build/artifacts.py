@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 from splitserve.build.builder import BuildSpec, build
 from splitserve.service import Model, Service

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -38,13 +39,13 @@ from splitserve.build.gate import (
     service_agreement,
 )
 from splitserve.build.precision import (
-    MIN_QDQ_OPSET,
     PRECISIONS,
     PrecisionError,
     apply_precision,
     changed_nodes,
     fold_constants,
     name_nodes,
+    required_opset,
     resolve_keep,
     upgrade_opset,
 )
@@ -178,9 +179,10 @@ def _load_data(spec: BuildSpec, reference: Engine) -> _Data:
             digest,
             f"{len(split.calibration)} + {len(split.holdout)} tensor files",
         )
-    if spec.service is None:
-        load_tensors(split.calibration, names)  # raises, saying a service is needed
-    assert spec.service is not None and spec.model_name is not None
+    if spec.service is None or spec.model_name is None:
+        # request bodies (images...) need the service that turns them into inputs
+        load_tensors(split.calibration + split.holdout, names)  # raises, saying so
+        raise DataError("calibration and held-out folders must hold the same kind of files")
     captured, _ = capture_inputs(spec.service, split.calibration, engine_threads=spec.threads)
     held, answers = capture_inputs(spec.service, split.holdout, engine_threads=spec.threads)
     if not captured.get(spec.model_name) or not held.get(spec.model_name):
@@ -207,10 +209,8 @@ class _Builder:
         self.spec = spec
         self.workdir = workdir
         # The fp32 reference is the very graph the precision is applied to: folded, named,
-        # and at opset >= 13 for int8.
-        source = onnx.load(spec.model_path)
-        if spec.precision == "int8":
-            source = upgrade_opset(source, MIN_QDQ_OPSET)
+        # and at the opset the precision needs (13 for int8's Q/DQ, 22 for bf16).
+        source = upgrade_opset(onnx.load(spec.model_path), required_opset(spec.precision))
         self.source = name_nodes(fold_constants(source))
         self.source_path = workdir / "fp32.onnx"
         onnx.save(self.source, self.source_path)
@@ -230,6 +230,7 @@ class _Builder:
             self.data.calibration,
             self.workdir / "calibration-ranges.json",
             self.spec.int8_ops,
+            self.spec.backend,
         )
         path = self.workdir / f"attempt-{self.attempts}" / "model.onnx"
         path.parent.mkdir()
@@ -240,8 +241,11 @@ class _Builder:
             raise PrecisionError(
                 f"the {self.spec.backend} backend cannot load the {self.spec.precision} graph "
                 f"on {cache.device_name(self.spec.backend, self.spec.options)}: {exc}"
-                + (" (bf16 needs a GPU backend: tensorrt, or onnxruntime with CUDA)"
-                   if self.spec.precision == "bf16" else "")
+                + (
+                    " (bf16 needs a GPU backend: tensorrt, or onnxruntime with CUDA)"
+                    if self.spec.precision == "bf16"
+                    else ""
+                )
             ) from None
         outputs = compare_engines(self.reference_outputs, run_batches(engine, self.data.holdout))
         agreement = None
@@ -265,7 +269,11 @@ class _Builder:
     def ranked_candidates(self, candidate: onnx.ModelProto) -> list[str]:
         nodes = changed_nodes(self.source, self.spec.precision, self.spec.int8_ops)
         batches = (self.data.calibration or self.data.holdout)[:RANKING_BATCHES]
-        ranked = rank_layers(self.source, candidate, batches, nodes)
+        from splitserve.engines.onnxruntime import default_providers
+
+        # ONNX Runtime on the build's device (for TensorRT builds: its CUDA provider)
+        providers = self.spec.options.get("providers") or default_providers()
+        ranked = rank_layers(self.source, candidate, batches, nodes, providers)
         if self.spec.search == "op-types":
             ranked = group_by_op_type(self.source, ranked)
         fixed = set(self.spec.fixed_keep)
@@ -280,7 +288,9 @@ def _key_fields(spec: BuildSpec, data_digest: str) -> dict[str, Any]:
         "search": spec.search,
         "int8_ops": spec.int8_ops if spec.precision == "int8" else None,
         "backend": spec.backend,
+        # TensorRT's profile comes from these; other backends take any batch
         "max_batch_size": spec.max_batch_size if spec.backend == "tensorrt" else None,
+        "shapes": spec.options.get("shapes") if spec.backend == "tensorrt" else None,
         "device": cache.device_name(spec.backend, spec.options),
         "versions": cache.library_versions(),
         "data": data_digest,
@@ -311,36 +321,36 @@ def find_cached(spec: BuildSpec, root: Path | None = None) -> Artifact | None:
 def build(spec: BuildSpec, *, root: Path | None = None, force: bool = False) -> Artifact:
     """The engine for ``spec``: from the cache, or built, gated and cached now.
 
-    Raises ``GateRejected`` (with the report) when no engine meets the tolerance.
+    Processes asking for the same entry at once build it once (a lock per entry); the
+    others wait and reuse it. Raises ``GateRejected`` (with the report) when no engine
+    meets the tolerance.
     """
-    if not force:
-        cached = find_cached(spec, root)
-        if cached is not None:
-            log.info("engine cache: reusing %s", cached.directory)
-            return cached
-    started = time.monotonic()
     fields = _key_fields(spec, _data_digest(spec))
     directory = cache.entry_dir(spec.model_path.stem, spec.precision, cache.cache_key(fields), root)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".build-", dir=directory.parent))
-    try:
-        report = _build_into(spec, staging, fields)
-        report["build_s"] = round(time.monotonic() - started, 2)
-        if not report["gate"]["passed"]:
-            rejected = directory.with_name(directory.name + ".rejected.json")
-            cache.write_report(rejected, report)
-            raise GateRejected(
-                f"{spec.model_path.name} at {spec.precision} fails the accuracy gate: "
-                + "; ".join(report["gate"]["failures"])
-                + f" (report: {rejected})",
-                report,
-            )
-        cache.write_report(staging / cache.REPORT, report)
-        cache.publish(staging, directory)
-    finally:
-        if staging.exists():
-            import shutil
-
+    with cache.entry_lock(directory):
+        if not force:
+            cached = find_cached(spec, root)
+            if cached is not None:
+                log.info("engine cache: reusing %s", cached.directory)
+                return cached
+        started = time.monotonic()
+        staging = Path(tempfile.mkdtemp(prefix=".build-", dir=directory.parent))
+        try:
+            report = _build_into(spec, staging, fields)
+            report["build_s"] = round(time.monotonic() - started, 2)
+            if not report["gate"]["passed"]:
+                rejected = directory.with_name(directory.name + ".rejected.json")
+                cache.write_report(rejected, report)
+                raise GateRejected(
+                    f"{spec.model_path.name} at {spec.precision} fails the accuracy gate: "
+                    + "; ".join(report["gate"]["failures"])
+                    + f" (report: {rejected})",
+                    report,
+                )
+            shutil.rmtree(staging / "work")  # the fp32 copy, every attempt: not the engine
+            cache.write_report(staging / cache.REPORT, report)
+            cache.publish(staging, directory)
+        finally:
             shutil.rmtree(staging, ignore_errors=True)
     log.info("engine cache: built %s in %.1fs", directory, report["build_s"])
     return Artifact(directory / "model.onnx", directory, report, reused=False)

@@ -9,19 +9,29 @@ place, so a half-written build is never reused.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import math
 import os
 import platform
 import shutil
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 REPORT = "report.json"
-VERSIONED = ("splitserve", "onnx", "onnxruntime", "onnxconverter-common", "tensorrt", "torch")
+VERSIONED = (
+    "splitserve",
+    "onnx",
+    "onnxruntime",
+    "onnxruntime-gpu",
+    "onnxconverter-common",
+    "tensorrt",
+    "torch",
+)
 
 
 def cache_root() -> Path:
@@ -55,7 +65,8 @@ def cpu_name() -> str:
 
 def device_name(backend: str, options: Mapping[str, Any]) -> str:
     """What the engine is built for: the GPU for TensorRT/CUDA, otherwise the CPU model."""
-    providers = options.get("providers") or []
+    # a provider is a name, or a (name, options) pair
+    providers = [p if isinstance(p, str) else p[0] for p in options.get("providers") or []]
     if backend == "tensorrt" or any("CUDA" in p or "Tensorrt" in p for p in providers):
         try:
             import torch
@@ -112,9 +123,23 @@ def write_report(path: Path, report: Mapping[str, Any]) -> None:
     path.write_text(json.dumps(_finite(dict(report)), indent=2) + "\n")
 
 
-def publish(staging: Path, directory: Path) -> None:
-    """Move a finished build into place (replacing an older one: --force)."""
+@contextlib.contextmanager
+def entry_lock(directory: Path) -> Iterator[None]:
+    """Hold ``<entry>.lock``: one process builds an entry, the others wait and reuse it."""
     directory.parent.mkdir(parents=True, exist_ok=True)
+    with open(directory.with_name(directory.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def publish(staging: Path, directory: Path) -> None:
+    """Move a finished build into place; an older entry (--force) is renamed aside
+    first and removed after, so the entry's path always holds a complete build."""
+    old = directory.with_name(directory.name + f".old-{os.getpid()}")
     if directory.exists():
-        shutil.rmtree(directory)
+        os.replace(directory, old)
     os.replace(staging, directory)
+    shutil.rmtree(old, ignore_errors=True)

@@ -13,6 +13,10 @@ import shutil
 import sys
 from pathlib import Path
 
+DESCRIPTION = """\
+Prepare an engine at a precision (fp16/bf16 casts or int8 Q/DQ written into the ONNX
+graph), gate it against fp32 on held-out inputs, and store it in the engine cache."""
+
 EPILOG = """\
 examples:
   splitserve build model.onnx --precision fp16 --calibration inputs/      # .npy/.npz
@@ -24,15 +28,17 @@ Every build is compared with fp32 on held-out inputs (--holdout DIR, or 1 file i
 --calibration) and refused when an output's relative L2 error exceeds --tolerance or,
 with --service, when the service's own agreement (OCR: equal text lines) falls under
 --min-agreement. `--keep-fp32 auto` then searches for layers to keep in fp32. The engine
-lands in the cache (SPLITSERVE_CACHE_DIR, default ~/.cache/splitserve) with report.json;
-servers whose Model asks for the same build reuse it."""
+lands in the cache (SPLITSERVE_CACHE_DIR, default ~/.cache/splitserve) with report.json.
+A server whose Model declares a precision builds the same entry as
+`splitserve build --service module:Class --model NAME` with that declaration, and reuses
+it; plain `splitserve build model.onnx` makes engines for --output and inspection."""
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "build",
         help="build a gated fp16/bf16/int8 engine into the engine cache",
-        description=__doc__,
+        description=DESCRIPTION,
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -52,7 +58,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     p.add_argument("--search", choices=["nodes", "op-types"], default="nodes")
     p.add_argument(
-        "--int8-ops", choices=["compute", "all"], default=None,
+        "--int8-ops",
+        choices=["compute", "all"],
+        default=None,
         help="int8 for Conv/MatMul/Gemm only (default), or for every layer that can be",
     )
     p.add_argument("--tolerance", type=float, help="largest relative L2 error of any output")
@@ -79,7 +87,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"rejected: {exc}", file=sys.stderr)
         return 1
     except (
-        PrecisionError, DataError, TensorRTUnavailable, ValueError, FileNotFoundError, ImportError
+        PrecisionError,
+        DataError,
+        TensorRTUnavailable,
+        ValueError,
+        FileNotFoundError,
+        ImportError,
     ) as exc:
         print(f"splitserve build: {exc}", file=sys.stderr)
         return 2

@@ -44,8 +44,13 @@ def output_error(ref: np.ndarray, new: np.ndarray) -> OutputError:
     b = np.asarray(new, dtype=np.float64).ravel()
     if a.shape != b.shape:
         return OutputError(math.inf, math.inf, math.inf, 0.0)
-    if not np.isfinite(b).all():  # NaN/inf in the candidate (fp16 overflow): a failure
+    # Non-finite values must be where fp32 has them, and the same (a log-probability
+    # of -inf may be meant); any other NaN/inf (an fp16 overflow) fails the output.
+    finite = np.isfinite(a)
+    same = np.array_equal(a[~finite], b[~finite], equal_nan=True)
+    if not same or not np.isfinite(b[finite]).all():
         return OutputError(math.inf, math.inf, math.inf, 0.0)
+    a, b = a[finite], b[finite]
     diff = b - a
     norm_a, norm_b = float(np.linalg.norm(a)), float(np.linalg.norm(b))
     norm_d = float(np.linalg.norm(diff))

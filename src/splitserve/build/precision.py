@@ -26,6 +26,8 @@ from onnx import TensorProto
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 # Per-channel weight scales need DequantizeLinear's ``axis`` (opset 13).
 MIN_QDQ_OPSET = 13
+# Conv, MatMul and most other ops accept bfloat16 only from opset 22.
+MIN_BF16_OPSET = 22
 # int8 coverage. "compute": the layers int8 makes faster by itself (integer dot
 # products), everything between them stays fp32 behind Q/DQ pairs. "all": also the
 # layers ONNX Runtime can run on int8 tensors (element-wise, pooling, resize, concat...),
@@ -96,6 +98,11 @@ def name_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
             node.name = name
             taken.add(name)
     return model
+
+
+def required_opset(precision: str) -> int:
+    """The default-domain opset a precision's graph needs (0: any)."""
+    return {"int8": MIN_QDQ_OPSET, "bf16": MIN_BF16_OPSET}.get(precision, 0)
 
 
 def default_opset(model: onnx.ModelProto) -> int:
@@ -239,12 +246,14 @@ def to_int8(
     calibration: Sequence[Mapping[str, np.ndarray]],
     calibration_cache: Path | None = None,
     ops: str = "compute",
+    symmetric: bool = False,
 ) -> onnx.ModelProto:
-    """Static int8 QDQ: per-channel int8 weights, uint8 activations, min-max calibration.
+    """Static int8 QDQ: per-channel int8 weights, min-max calibration.
 
-    uint8 activations with int8 weights (U8S8) is the fast combination of x86's VNNI
-    dot-product instructions and what ONNX Runtime's CPU kernels are built around;
-    TensorRT reads the same Q/DQ pairs (it requantises to its own symmetric int8).
+    For ONNX Runtime: uint8 activations with zero points fitted to each range and int8
+    weights (U8S8), the fast combination of x86's VNNI dot-product instructions that its
+    CPU kernels are built around. ``symmetric`` (TensorRT, which accepts nothing else):
+    int8 activations with zero points of 0, and biases left in fp32.
     ``calibration_cache`` (a JSON file) keeps the measured ranges between builds of one
     model, so the fp32 search's probes skip calibration: keeping more layers in fp32
     only ever needs a subset of the ranges the first build measured.
@@ -276,12 +285,16 @@ def to_int8(
                 Reader(calibration),
                 quant_format=QuantFormat.QDQ,
                 per_channel=True,
-                activation_type=QuantType.QUInt8,
+                activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
                 weight_type=QuantType.QInt8,
                 op_types_to_quantize=int8_op_types(ops),
                 nodes_to_exclude=keep.node_names(model),
                 calibrate_method=CalibrationMethod.MinMax,
-                extra_options={"CalibTensorRangeSymmetric": False},
+                extra_options=(
+                    {"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False}
+                    if symmetric
+                    else {"CalibTensorRangeSymmetric": False}
+                ),
                 calibration_cache_path=calibration_cache,
             )
         return onnx.load(target)
@@ -301,8 +314,10 @@ def apply_precision(
     calibration: Sequence[Mapping[str, np.ndarray]] = (),
     calibration_cache: Path | None = None,
     int8_ops: str = "compute",
+    backend: str = "onnxruntime",
 ) -> onnx.ModelProto:
-    """``model`` (named nodes, fp32) with ``precision`` applied outside ``keep``."""
+    """``model`` (named nodes, fp32) with ``precision`` applied outside ``keep``, in the
+    form ``backend`` accepts."""
     if precision == "fp32":
         return model
     if precision == "fp16":
@@ -310,7 +325,9 @@ def apply_precision(
     if precision == "bf16":
         return to_bf16(model, keep)
     if precision == "int8":
-        return to_int8(model, keep, calibration, calibration_cache, int8_ops)
+        return to_int8(
+            model, keep, calibration, calibration_cache, int8_ops, symmetric=backend == "tensorrt"
+        )
     raise PrecisionError(f"precision must be one of {PRECISIONS}, got {precision!r}")
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import onnx
@@ -44,17 +45,15 @@ def _with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelPro
     return exposed
 
 
-def _run_all(model: onnx.ModelProto, batches: Sequence[Batch]) -> list[dict[str, np.ndarray]]:
+def _session(model: onnx.ModelProto, providers: Sequence[str]) -> Any:
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     # Fusions would drop the intermediate tensors being compared.
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(
-        model.SerializeToString(), sess_options=so, providers=["CPUExecutionProvider"]
+    return ort.InferenceSession(
+        model.SerializeToString(), sess_options=so, providers=list(providers)
     )
-    names = [o.name for o in session.get_outputs()]
-    return [dict(zip(names, session.run(names, batch), strict=True)) for batch in batches]
 
 
 def rank_layers(
@@ -62,23 +61,28 @@ def rank_layers(
     candidate: onnx.ModelProto,
     batches: Sequence[Batch],
     nodes: Sequence[str],
+    providers: Sequence[str] = ("CPUExecutionProvider",),
 ) -> list[tuple[str, float]]:
-    """``nodes`` (of ``fp32``) from most to least precision lost, with the error added."""
+    """``nodes`` (of ``fp32``) from most to least precision lost, with the error added.
+
+    Both graphs run on ``providers`` (the build's device: bf16 has no CPU kernels) with
+    every layer's output exposed, one batch at a time (OCR-sized layers add up to
+    gigabytes); a tensor's error is its worst over the batches.
+    """
     by_name = {n.name: n for n in fp32.graph.node}
-    tensors = sorted({out for name in nodes for out in by_name[name].output})
-    inputs = {t for name in nodes for t in by_name[name].input}
-    wanted = sorted(set(tensors) | inputs)
-    ref = _run_all(_with_outputs(fp32, wanted), batches)
-    new = _run_all(_with_outputs(candidate, wanted), batches)
+    wanted = sorted({t for name in nodes for t in (*by_name[name].output, *by_name[name].input)})
+    ref_session = _session(_with_outputs(fp32, wanted), providers)
+    new_session = _session(_with_outputs(candidate, wanted), providers)
+    ref_names = [o.name for o in ref_session.get_outputs()]
+    new_names = [o.name for o in new_session.get_outputs()]
+    common = sorted(set(ref_names) & set(new_names))
     error: dict[str, float] = {}
-    for name in wanted:
-        errs = [
-            output_error(r[name], n[name]).rel_l2
-            for r, n in zip(ref, new, strict=True)
-            if name in r and name in n
-        ]
-        if errs:
-            error[name] = float(np.nan_to_num(max(errs), nan=1e9, posinf=1e9))
+    for batch in batches:
+        ref = dict(zip(ref_names, ref_session.run(ref_names, batch), strict=True))
+        new = dict(zip(new_names, new_session.run(new_names, batch), strict=True))
+        for name in common:
+            err = output_error(ref[name], new[name]).rel_l2
+            error[name] = max(error.get(name, 0.0), float(np.nan_to_num(err, posinf=1e9)))
     scores = []
     for name in nodes:
         node = by_name[name]
@@ -136,8 +140,9 @@ def search_keep(
     def probe(extra: list[str]) -> tuple[bool, onnx.ModelProto]:
         ok, summary, built = attempt(extra)
         probes.append(Probe(len(extra), ok, summary))
-        log.info("keep-fp32 search: %d kept -> %s (%s)", len(extra), "pass" if ok else "fail",
-                 summary)
+        log.info(
+            "keep-fp32 search: %d kept -> %s (%s)", len(extra), "pass" if ok else "fail", summary
+        )
         return ok, built
 
     kept: list[str] = []

@@ -104,11 +104,11 @@ def create_engine(
         from splitserve.engines.simulated import SimulatedEngine
 
         return SimulatedEngine(model.options, run_dir)
-    if model.backend == "torch":  # ``model.path`` names a factory, not a file: used as is
+    if model.backend == "torch":  # a factory (``module:function``) is used as is
         from splitserve.engines.torch import TorchEngine
 
         return TorchEngine(
-            model.path,
+            str(path) if model.path.endswith(".pt2") else model.path,
             model.options,
             max_batch_size=model.max_batch_size,
             threads=model.threads or threads,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from splitserve.engines.base import Engine, TensorSpec
+from splitserve.errors import BadRequest
 
 log = logging.getLogger("splitserve.engine.tensorrt")
 
@@ -66,12 +68,14 @@ def profile_shapes(
     """(min, opt, max) shapes of every input for one optimisation profile.
 
     Axis 0 is the batch: 1 .. ``max_batch_size``, tuned for the full batch (the batcher
-    fills batches under load). Other dynamic axes need their range from ``dynamic``:
-    ``{input: (min_shape, opt_shape, max_shape)}`` without the batch axis.
+    fills batches under load), or the model's own size when it fixes it. Other dynamic
+    axes need their range from ``dynamic``: ``{input: (min_shape, opt_shape, max_shape)}``
+    without the batch axis.
     """
     dynamic = dynamic or {}
     shapes = {}
     for spec in inputs:
+        fixed_batch = spec.shape[0] if spec.shape and isinstance(spec.shape[0], int) else None
         rest = list(spec.shape[1:])
         if spec.name in dynamic:
             low, opt, high = (tuple(int(d) for d in s) for s in dynamic[spec.name])
@@ -89,7 +93,10 @@ def profile_shapes(
             )
         else:
             low = opt = high = tuple(int(d) for d in rest)  # type: ignore[arg-type]
-        shapes[spec.name] = ((1, *low), (max_batch_size, *opt), (max_batch_size, *high))
+        if fixed_batch is not None:
+            shapes[spec.name] = ((fixed_batch, *low), (fixed_batch, *opt), (fixed_batch, *high))
+        else:
+            shapes[spec.name] = ((1, *low), (max_batch_size, *opt), (max_batch_size, *high))
     return shapes
 
 
@@ -150,17 +157,36 @@ def build_engine(
     config.add_optimization_profile(profile)
     cache_bytes = timing_cache.read_bytes() if timing_cache and timing_cache.exists() else b""
     cache = config.create_timing_cache(cache_bytes)
+    if cache is None:  # a damaged file: start a fresh cache rather than fail the build
+        cache = config.create_timing_cache(b"")
+    # ignore_mismatch: a cache from another GPU or version is discarded, not trusted
     config.set_timing_cache(cache, ignore_mismatch=False)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise RuntimeError(f"TensorRT failed to build {onnx_path.name} (see its log above)")
-    plan_path.write_bytes(bytes(serialized))
-    if timing_cache is not None:
+    _write_atomically(plan_path, bytes(serialized))
+    updated = config.get_timing_cache()
+    if timing_cache is not None and updated is not None:
         timing_cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = timing_cache.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
-        os.replace(tmp, timing_cache)
+        _write_atomically(timing_cache, bytes(updated.serialize()))
     log.info("built TensorRT engine %s (%s, strongly typed: %s)", plan_path, precision, bool(typed))
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def timing_cache_path() -> Path:
+    """One timing cache per GPU model and TensorRT version (they are not portable)."""
+    import re
+
+    from splitserve.build.cache import cache_root, device_name
+
+    trt = import_tensorrt()
+    tag = re.sub(r"[^A-Za-z0-9.]+", "_", f"{device_name('tensorrt', {})}-{trt.__version__}")
+    return cache_root() / "tensorrt" / f"timing-{tag}.cache"
 
 
 def _set_precision_flag(trt: Any, builder: Any, config: Any, precision: str) -> None:
@@ -194,22 +220,29 @@ class TensorRTEngine(Engine):
         options = dict(options or {})
         plan = onnx_path.with_suffix(".plan")
         if not plan.exists():
-            from splitserve.build.cache import cache_root
-
             build_engine(
                 onnx_path,
                 plan,
                 precision=precision,
                 max_batch_size=max_batch_size,
                 dynamic=options.get("shapes"),
-                timing_cache=cache_root() / "tensorrt-timing.cache",
+                timing_cache=timing_cache_path(),
             )
+        # warm-up at the tuned shape: generic sizes may lie outside the profile
+        self._opt_shapes = {
+            name: shapes[1]
+            for name, shapes in profile_shapes(
+                onnx_inputs(onnx_path), max_batch_size, options.get("shapes")
+            ).items()
+        }
         self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self.engine = self.runtime.deserialize_cuda_engine(plan.read_bytes())
         if self.engine is None:
             raise RuntimeError(f"cannot load {plan} (built by another TensorRT or GPU?)")
         self.context = self.engine.create_execution_context()
         self.stream = torch.cuda.Stream()
+        # One execution context: threaded mode's request threads take turns on it.
+        self._lock = threading.Lock()
         self.inputs, self.outputs = [], []
         for i in range(self.engine.num_io_tensors):
             name = self.engine.get_tensor_name(i)
@@ -219,7 +252,17 @@ class TensorRTEngine(Engine):
             is_input = self.engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
             (self.inputs if is_input else self.outputs).append(spec)
 
+    def warmup_batch(self, batch_size: int = 1) -> dict[str, np.ndarray]:
+        return {
+            spec.name: np.zeros((batch_size, *self._opt_shapes[spec.name][1:]), spec.dtype)
+            for spec in self.inputs
+        }
+
     def infer(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        with self._lock:
+            return self._infer(batch)
+
+    def _infer(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         torch = self.torch
         keep_alive = []
         with torch.cuda.stream(self.stream):
@@ -227,7 +270,11 @@ class TensorRTEngine(Engine):
                 host = torch.from_numpy(np.ascontiguousarray(batch[spec.name])).pin_memory()
                 device = host.to("cuda", non_blocking=True)
                 keep_alive.append((host, device))
-                self.context.set_input_shape(spec.name, tuple(device.shape))
+                if not self.context.set_input_shape(spec.name, tuple(device.shape)):
+                    raise BadRequest(
+                        f"input {spec.name!r} of shape {tuple(device.shape)} is outside the "
+                        "engine's optimisation profile (its batch and options['shapes'])"
+                    )
                 self.context.set_tensor_address(spec.name, device.data_ptr())
             outputs = {}
             for spec in self.outputs:

@@ -68,13 +68,14 @@ class InProcessService:
             raise NotFound(f"service {self.name!r} declares no model {model!r}")
         engine, limit, counters = entry
         engine.check_inputs(inputs)
-        if self.observe is not None:
-            self.observe(model, inputs)
         rows = next(iter(inputs.values())).shape[0]
         chunks = []
         for start in range(0, rows, limit):
+            chunk = {k: v[start : start + limit] for k, v in inputs.items()}
+            if self.observe is not None:  # what the engine runs: batches within its limit
+                self.observe(model, chunk)
             began = time.monotonic()
-            chunks.append(engine.infer({k: v[start : start + limit] for k, v in inputs.items()}))
+            chunks.append(engine.infer(chunk))
             counters.record(min(limit, rows - start), time.monotonic() - began, 0.0)
         if counters.simulated:
             self._local.simulated = True
