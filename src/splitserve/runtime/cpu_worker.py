@@ -117,7 +117,15 @@ class CpuWorker:
         # The entry stays until the engine answers (it always does, or its connection
         # closes): only then are the input segments free again, even after a timeout.
         link.pending[request_id] = (future, segments)
-        link.channel.send([msg.encode(msg.InferRequest(request_id, key, deadline, refs)), *frames])
+        try:
+            link.channel.send(
+                [msg.encode(msg.InferRequest(request_id, key, deadline, refs)), *frames]
+            )
+        except chan.ChannelClosed:  # the engine died before its link noticed
+            link.pending.pop(request_id, None)
+            for segment in segments:
+                self.pool.release(segment)
+            raise Unavailable(f"engine process {link.index} died; retry") from None
         try:
             reply, reply_frames = await asyncio.wait_for(future, deadline - time.monotonic())
         except TimeoutError:
