@@ -131,7 +131,6 @@ class _Data:
     holdout: list[Batch]
     holdout_files: list[Path]
     reference_answers: list[Any]
-    digest: str
     description: str
 
 
@@ -167,16 +166,14 @@ def _load_data(spec: BuildSpec, reference: Engine) -> _Data:
         if spec.precision == "int8":
             raise DataError("int8 needs calibration inputs: --calibration DIR")
         log.warning("no --calibration: the gate judges on random inputs only")
-        return _Data([], _synthetic(reference, SYNTHETIC_BATCHES), [], [], "synthetic", "random")
+        return _Data([], _synthetic(reference, SYNTHETIC_BATCHES), [], [], "random")
     split = split_files(spec.calibration, spec.holdout)
-    digest = files_digest(split.calibration) + ":" + files_digest(split.holdout)
     if all(is_tensor_file(p) for p in split.calibration + split.holdout):
         return _Data(
             load_tensors(split.calibration, names),
             load_tensors(split.holdout, names),
             [],
             [],
-            digest,
             f"{len(split.calibration)} + {len(split.holdout)} tensor files",
         )
     if spec.service is None or spec.model_name is None:
@@ -195,7 +192,6 @@ def _load_data(spec: BuildSpec, reference: Engine) -> _Data:
         held[spec.model_name],
         split.holdout,
         answers,
-        digest,
         f"{len(split.calibration)} + {len(split.holdout)} requests through the service",
     )
 
@@ -309,13 +305,22 @@ def _data_digest(spec: BuildSpec) -> str:
     return files_digest(split.calibration) + ":" + files_digest(split.holdout)
 
 
-def find_cached(spec: BuildSpec, root: Path | None = None) -> Artifact | None:
+def _entry(spec: BuildSpec, root: Path | None) -> tuple[dict[str, Any], Path]:
+    """The cache key's fields for ``spec`` and the entry folder they name."""
     fields = _key_fields(spec, _data_digest(spec))
     directory = cache.entry_dir(spec.model_path.stem, spec.precision, cache.cache_key(fields), root)
+    return fields, directory
+
+
+def _cached(directory: Path) -> Artifact | None:
     report = cache.read_report(directory)
     if report is None or not (directory / "model.onnx").exists():
         return None
     return Artifact(directory / "model.onnx", directory, report, reused=True)
+
+
+def find_cached(spec: BuildSpec, root: Path | None = None) -> Artifact | None:
+    return _cached(_entry(spec, root)[1])
 
 
 def build(spec: BuildSpec, *, root: Path | None = None, force: bool = False) -> Artifact:
@@ -325,11 +330,10 @@ def build(spec: BuildSpec, *, root: Path | None = None, force: bool = False) -> 
     others wait and reuse it. Raises ``GateRejected`` (with the report) when no engine
     meets the tolerance.
     """
-    fields = _key_fields(spec, _data_digest(spec))
-    directory = cache.entry_dir(spec.model_path.stem, spec.precision, cache.cache_key(fields), root)
+    fields, directory = _entry(spec, root)
     with cache.entry_lock(directory):
         if not force:
-            cached = find_cached(spec, root)
+            cached = _cached(directory)
             if cached is not None:
                 log.info("engine cache: reusing %s", cached.directory)
                 return cached

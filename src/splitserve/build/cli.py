@@ -7,7 +7,6 @@ a build runs.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import shutil
 import sys
@@ -160,6 +159,6 @@ def _spec(args: argparse.Namespace, spec_cls: type):
 
 def _write_report(path: Path | None, report: dict) -> None:
     if path is not None:
-        from splitserve.build.cache import _finite
+        from splitserve.build.cache import write_report
 
-        path.write_text(json.dumps(_finite(report), indent=2) + "\n")
+        write_report(path, report)

@@ -68,9 +68,6 @@ class KeepList:
         kept = set(self.nodes)
         return [n.name for n in model.graph.node if n.name in kept or n.op_type in self.op_types]
 
-    def as_list(self) -> list[str]:
-        return sorted(self.nodes) + sorted(self.op_types)
-
 
 def resolve_keep(model: onnx.ModelProto, names: Iterable[str]) -> KeepList:
     """Sort ``names`` into op types and node names; an unknown name is an error."""
@@ -227,19 +224,6 @@ def _value_infos(graph: onnx.GraphProto) -> Iterator[onnx.ValueInfoProto]:
     yield from graph.value_info
 
 
-class _Batches:
-    """onnxruntime.quantization's calibration reader over a list of input batches."""
-
-    def __init__(self, batches: Sequence[Mapping[str, np.ndarray]]) -> None:
-        self._iter = iter(batches)
-
-    def get_next(self) -> Mapping[str, np.ndarray] | None:
-        return next(self._iter, None)
-
-    def rewind(self) -> None:  # the interface has it; one pass is all calibration needs
-        pass
-
-
 def to_int8(
     model: onnx.ModelProto,
     keep: KeepList,
@@ -272,8 +256,14 @@ def to_int8(
         raise PrecisionError("int8 needs calibration inputs (--calibration DIR)")
     model = upgrade_opset(model, MIN_QDQ_OPSET)
 
-    class Reader(_Batches, CalibrationDataReader):
-        pass
+    class Reader(CalibrationDataReader):
+        """The quantiser's calibration reader over the batches (one pass is all it takes)."""
+
+        def __init__(self, batches: Sequence[Mapping[str, np.ndarray]]) -> None:
+            self._iter = iter(batches)
+
+        def get_next(self) -> Mapping[str, np.ndarray] | None:
+            return next(self._iter, None)
 
     with tempfile.TemporaryDirectory(prefix="splitserve-int8-") as tmp:
         source, target = Path(tmp, "fp32.onnx"), Path(tmp, "int8.onnx")

@@ -130,12 +130,12 @@ def build_engine(
     plan_path: Path,
     *,
     precision: str,
-    max_batch_size: int,
-    dynamic: Mapping[str, Sequence[Sequence[int]]] | None = None,
+    profile: Mapping[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]],
     timing_cache: Path | None = None,
     workspace_bytes: int = WORKSPACE_BYTES,
 ) -> None:
-    """Parse ``onnx_path``, build for one profile, write the serialized engine."""
+    """Parse ``onnx_path``, build for ``profile`` (from ``profile_shapes``), write the
+    serialized engine."""
     trt = import_tensorrt()
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
@@ -149,12 +149,10 @@ def build_engine(
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
     if not typed and precision != "fp32":
         _set_precision_flag(trt, builder, config, precision)
-    profile = builder.create_optimization_profile()
-    for name, (low, opt, high) in profile_shapes(
-        onnx_inputs(onnx_path), max_batch_size, dynamic
-    ).items():
-        profile.set_shape(name, low, opt, high)
-    config.add_optimization_profile(profile)
+    optimisation_profile = builder.create_optimization_profile()
+    for name, (low, opt, high) in profile.items():
+        optimisation_profile.set_shape(name, low, opt, high)
+    config.add_optimization_profile(optimisation_profile)
     cache_bytes = timing_cache.read_bytes() if timing_cache and timing_cache.exists() else b""
     cache = config.create_timing_cache(cache_bytes)
     if cache is None:  # a damaged file: start a fresh cache rather than fail the build
@@ -219,22 +217,17 @@ class TensorRTEngine(Engine):
         self.torch = torch = import_cuda_torch()
         options = dict(options or {})
         plan = onnx_path.with_suffix(".plan")
+        profile = profile_shapes(onnx_inputs(onnx_path), max_batch_size, options.get("shapes"))
         if not plan.exists():
             build_engine(
                 onnx_path,
                 plan,
                 precision=precision,
-                max_batch_size=max_batch_size,
-                dynamic=options.get("shapes"),
+                profile=profile,
                 timing_cache=timing_cache_path(),
             )
         # warm-up at the tuned shape: generic sizes may lie outside the profile
-        self._opt_shapes = {
-            name: shapes[1]
-            for name, shapes in profile_shapes(
-                onnx_inputs(onnx_path), max_batch_size, options.get("shapes")
-            ).items()
-        }
+        self._opt_shapes = {name: shapes[1] for name, shapes in profile.items()}
         self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self.engine = self.runtime.deserialize_cuda_engine(plan.read_bytes())
         if self.engine is None:
