@@ -92,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
         ValueError,
         FileNotFoundError,
         ImportError,
+        RuntimeError,  # a backend's own failure (TensorRT parse/build, ONNX Runtime load)
     ) as exc:
         print(f"splitserve build: {exc}", file=sys.stderr)
         return 2
