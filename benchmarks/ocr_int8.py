@@ -56,8 +56,8 @@ SERVICES = {
 
 def build_all(names: list[str]) -> dict[str, Any]:
     """Build (or reuse) every int8 engine the services declare; their reports."""
-    from splitserve.build.artifacts import spec_for
-    from splitserve.build.builder import build
+    from splitserve.compile.artifacts import spec_for
+    from splitserve.compile.builder import build
     from splitserve.service import load_service
 
     reports = {}

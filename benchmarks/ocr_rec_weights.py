@@ -25,9 +25,9 @@ from onnx import numpy_helper
 
 from examples.ocr.make_images import generate_documents
 from examples.ocr.service import REC_MODEL, OCRService, text_lines_equal
-from splitserve.build.data import capture_inputs
-from splitserve.build.gate import output_error
-from splitserve.build.precision import fold_constants, name_nodes
+from splitserve.compile.data import capture_inputs
+from splitserve.compile.gate import output_error
+from splitserve.compile.precision import fold_constants, name_nodes
 from splitserve.engines.onnxruntime import OnnxRuntimeEngine
 
 

@@ -13,10 +13,10 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from splitserve.build.builder import BuildSpec, GateRejected, build
-from splitserve.build.data import DataError
-from splitserve.build.gate import output_error
-from splitserve.build.precision import PrecisionError
+from splitserve.compile.builder import BuildSpec, GateRejected, build
+from splitserve.compile.data import DataError
+from splitserve.compile.gate import output_error
+from splitserve.compile.precision import PrecisionError
 from splitserve.engines.onnxruntime import OnnxRuntimeEngine
 from tests.build_models import CNN_SHAPE, SENSITIVE_WIDTH, make_sensitive, make_small_cnn
 from tests.build_models import write_inputs as write_batches
@@ -259,7 +259,7 @@ def test_ocr_agreement_counts_equal_text_lines():
 def test_search_rounds_rerank_and_trim_to_the_needed_layers():
     """The search logic alone: layer "c" only shows its loss once "a" is kept (as a
     layer fed by an overflowing one does); the answer is exactly {a, c}."""
-    from splitserve.build.search import search_keep
+    from splitserve.compile.search import search_keep
 
     needed = {"a", "c"}
     layers = ["a", "b", "c", "d", "e", "f", "g", "h"]
@@ -299,7 +299,7 @@ def test_cli_build_with_the_service_declaration_is_what_the_server_reuses(cache)
 
 def test_int8_for_tensorrt_is_symmetric_without_quantized_biases(models):
     """TensorRT's parser accepts only symmetric int8 Q/DQ (zero points 0, int8 type)."""
-    from splitserve.build.precision import KeepList, apply_precision, fold_constants, name_nodes
+    from splitserve.compile.precision import KeepList, apply_precision, fold_constants, name_nodes
 
     source = name_nodes(fold_constants(onnx.load(models["cnn"])))
     batches = [{"x": np.load(p)} for p in sorted(models["cnn_inputs"].glob("*.npy"))[:4]]

@@ -7,7 +7,7 @@ import argparse
 import sys
 
 from splitserve.bench import cli as bench_cli
-from splitserve.build import cli as build_cli
+from splitserve.compile import cli as build_cli
 from splitserve.config import ServerConfig
 
 

@@ -29,7 +29,7 @@ class ServerConfig:
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     shm_pool_bytes: int = 512 * 1024 * 1024  # per process
     log_level: str = "INFO"
-    # Filled in on start: built engines by "service/model" (see splitserve.build).
+    # Filled in on start: built engines by "service/model" (see splitserve.compile).
     artifacts: dict[str, str] = field(default_factory=dict)
     # Filled in by the supervisor.
     run_dir: str = ""
@@ -99,10 +99,10 @@ def build_engines(classes: dict[str, type[Service]]) -> dict[str, str]:
     """
     if not any(m.needs_build for cls in classes.values() for m in cls.declared_models().values()):
         return {}
-    from splitserve.build.artifacts import prepare_artifacts
-    from splitserve.build.builder import GateRejected
-    from splitserve.build.data import DataError
-    from splitserve.build.precision import PrecisionError
+    from splitserve.compile.artifacts import prepare_artifacts
+    from splitserve.compile.builder import GateRejected
+    from splitserve.compile.data import DataError
+    from splitserve.compile.precision import PrecisionError
     from splitserve.engines.tensorrt import TensorRTUnavailable
 
     try:

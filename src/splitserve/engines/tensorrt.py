@@ -180,7 +180,7 @@ def timing_cache_path() -> Path:
     """One timing cache per GPU model and TensorRT version (they are not portable)."""
     import re
 
-    from splitserve.build.cache import cache_root, device_name
+    from splitserve.compile.cache import cache_root, device_name
 
     trt = import_tensorrt()
     tag = re.sub(r"[^A-Za-z0-9.]+", "_", f"{device_name('tensorrt', {})}-{trt.__version__}")

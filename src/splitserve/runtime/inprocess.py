@@ -32,7 +32,7 @@ class InProcessService:
     engines are shared (ONNX Runtime sessions may run concurrently). No cross-request
     batching: a request's inference runs on its own, in chunks of the model's limit.
 
-    ``artifacts`` replaces model files by name (built engines: see splitserve.build);
+    ``artifacts`` replaces model files by name (built engines: see splitserve.compile);
     ``observe`` sees every model's inputs before they run (calibration capture).
     """
 

@@ -19,10 +19,10 @@ from typing import Any
 import numpy as np
 import onnx
 
-from splitserve.build.data import Batch
-from splitserve.build.gate import output_error
+from splitserve.compile.data import Batch
+from splitserve.compile.gate import output_error
 
-log = logging.getLogger("splitserve.build")
+log = logging.getLogger("splitserve.compile")
 
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
 

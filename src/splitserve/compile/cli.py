@@ -72,9 +72,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from splitserve.build.builder import BuildSpec, GateRejected, build
-    from splitserve.build.data import DataError
-    from splitserve.build.precision import PrecisionError
+    from splitserve.compile.builder import BuildSpec, GateRejected, build
+    from splitserve.compile.data import DataError
+    from splitserve.compile.precision import PrecisionError
     from splitserve.engines.tensorrt import TensorRTUnavailable
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -115,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
 def _spec(args: argparse.Namespace, spec_cls: type):
     keep = tuple(args.keep_fp32 or ())
     if args.service:
-        from splitserve.build.artifacts import spec_for
+        from splitserve.compile.artifacts import spec_for
         from splitserve.service import load_service
 
         cls = load_service(args.service)
@@ -160,6 +160,6 @@ def _spec(args: argparse.Namespace, spec_cls: type):
 
 def _write_report(path: Path | None, report: dict) -> None:
     if path is not None:
-        from splitserve.build.cache import write_report
+        from splitserve.compile.cache import write_report
 
         write_report(path, report)

@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 import onnx
 
-from splitserve.build import cache
-from splitserve.build.data import (
+from splitserve.compile import cache
+from splitserve.compile.data import (
     Batch,
     DataError,
     answer_of,
@@ -30,7 +30,7 @@ from splitserve.build.data import (
     load_tensors,
     split_files,
 )
-from splitserve.build.gate import (
+from splitserve.compile.gate import (
     DEFAULT_TOLERANCE,
     GateResult,
     compare_engines,
@@ -38,7 +38,7 @@ from splitserve.build.gate import (
     run_batches,
     service_agreement,
 )
-from splitserve.build.precision import (
+from splitserve.compile.precision import (
     PRECISIONS,
     PrecisionError,
     apply_precision,
@@ -49,11 +49,11 @@ from splitserve.build.precision import (
     resolve_keep,
     upgrade_opset,
 )
-from splitserve.build.search import group_by_op_type, rank_layers, search_keep
+from splitserve.compile.search import group_by_op_type, rank_layers, search_keep
 from splitserve.engines.base import Engine, create_engine
 from splitserve.service import DEFAULT_MIN_AGREEMENT, Model, Service
 
-log = logging.getLogger("splitserve.build")
+log = logging.getLogger("splitserve.compile")
 
 BUILD_BACKENDS = ("onnxruntime", "tensorrt")
 RANKING_BATCHES = 4  # calibration batches the layer ranking runs (each exposes every layer)

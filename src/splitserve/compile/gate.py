@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from splitserve.build.data import Batch
+from splitserve.compile.data import Batch
 from splitserve.engines.base import Engine
 from splitserve.service import DEFAULT_MIN_AGREEMENT
 

@@ -268,7 +268,11 @@ def to_int8(
     with tempfile.TemporaryDirectory(prefix="splitserve-int8-") as tmp:
         source, target = Path(tmp, "fp32.onnx"), Path(tmp, "int8.onnx")
         onnx.save(model, source)
-        with _quiet():
+        # ONNX Runtime's symbolic shape inference writes a scratch file
+        # (sym_shape_infer_temp.onnx) into the working directory when it gives up on a
+        # graph: run the quantiser from the temporary folder so nothing lands elsewhere.
+        # Builds run before any serving thread starts, so changing the directory is safe.
+        with _quiet(), contextlib.chdir(tmp):
             quantize_static(
                 source,
                 target,

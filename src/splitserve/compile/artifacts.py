@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import logging
 
-from splitserve.build.builder import BuildSpec, build
+from splitserve.compile.builder import BuildSpec, build
 from splitserve.service import Model, Service
 
-log = logging.getLogger("splitserve.build")
+log = logging.getLogger("splitserve.compile")
 
 
 def spec_for(cls: type[Service], name: str, model: Model) -> BuildSpec:
