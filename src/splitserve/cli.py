@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from splitserve.bench import cli as bench_cli
@@ -48,6 +49,18 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         "--queue-size", type=int, default=256, help="requests waiting for a free worker before 503"
     )
     p.add_argument("--request-timeout", type=float, default=30.0, help="seconds (504 after)")
+    p.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        help="seconds admitted requests may take to finish after SIGTERM",
+    )
+    p.add_argument(
+        "--auth-token",
+        default=os.environ.get("SPLITSERVE_AUTH_TOKEN", ""),
+        help="require 'Authorization: Bearer TOKEN' on every route but liveness "
+        "(default: $SPLITSERVE_AUTH_TOKEN; none: no authentication)",
+    )
     p.add_argument("--max-body-bytes", type=int, default=32 * 1024 * 1024)
     p.add_argument("--max-image-pixels", type=int, default=40_000_000)
     p.add_argument("--log-level", default="INFO")
@@ -77,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
             threads=args.threads,
             queue_size=args.queue_size,
             request_timeout_s=args.request_timeout,
+            drain_timeout_s=args.drain_timeout,
+            auth_token=args.auth_token,
             max_body_bytes=args.max_body_bytes,
             max_image_pixels=args.max_image_pixels,
             log_level=args.log_level.upper(),

@@ -25,6 +25,10 @@ class ServerConfig:
     threads: int = 8  # threaded mode: request threads
     queue_size: int = 256  # jobs waiting in the front for a free worker slot
     request_timeout_s: float = 30.0
+    # On SIGTERM: stop admitting, let admitted requests finish for at most this long.
+    drain_timeout_s: float = 30.0
+    # When set, every route but liveness needs ``Authorization: Bearer <token>``.
+    auth_token: str = ""
     max_body_bytes: int = 32 * 1024 * 1024
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     shm_pool_bytes: int = 512 * 1024 * 1024  # per process
