@@ -164,3 +164,27 @@ def test_bearer_token_guards_everything_but_liveness() -> None:
             assert anonymous.get("/health/ready").status_code == 401
     finally:
         server.stop()
+
+
+def test_sockets_and_shared_memory_are_private_to_the_server_user() -> None:
+    import glob
+    import os
+    import stat
+    import tempfile
+
+    pattern = os.path.join(tempfile.gettempdir(), "splitserve-*")
+    before = set(glob.glob(pattern))
+    server = Server(["tests.services:Echo"], "--cpu-workers", "1")
+    try:
+        values = [0.5] * 40_000  # 160 KB: through shared memory both ways
+        assert server.post("echo", json={"values": values}).status_code == 200
+        run_dirs = [d for d in set(glob.glob(pattern)) - before if os.path.isdir(d)]
+        assert run_dirs
+        for d in run_dirs:
+            assert stat.S_IMODE(os.stat(d).st_mode) == 0o700
+        segments = shm_segments(server.pid)
+        assert segments
+        for name in segments:
+            assert stat.S_IMODE(os.stat(f"/dev/shm/{name}").st_mode) == 0o600
+    finally:
+        server.stop()

@@ -62,6 +62,7 @@ class Supervisor:
         classes = cfg.load_services()
         artifacts = build_engines(classes)
         run_dir = tempfile.mkdtemp(prefix="splitserve-")
+        os.chmod(run_dir, 0o700)  # the sockets inside: this user only (docs/security.md)
         self.cfg = replace(cfg, run_dir=run_dir, supervisor_pid=os.getpid(), artifacts=artifacts)
         self.mp = multiprocessing.get_context("spawn")
         layout = self.cfg.engine_layout(classes)
