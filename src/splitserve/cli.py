@@ -24,13 +24,18 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         help="split: front + CPU worker processes + engine processes (default); "
         "threaded: one process, a thread pool, the classic design",
     )
-    p.add_argument("--cpu-workers", type=int, default=2, help="CPU worker processes (split)")
+    p.add_argument(
+        "--cpu-workers",
+        type=int,
+        default=None,
+        help="CPU worker processes (split; default: from the cores and the models)",
+    )
     p.add_argument(
         "--engine-replicas",
         type=int,
         default=None,
-        help="engine processes, each with a replica of every model "
-        "(default: the models' own `replicas`)",
+        help="engine processes, each with a replica of every model (default: the models' "
+        "own `replicas` if any declares some, else from the cores and the models)",
     )
     p.add_argument(
         "--engine-threads",

@@ -15,8 +15,10 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     mode: str = "split"  # "split" or "threaded"
-    cpu_workers: int = 2
-    # Overrides every model's own ``replicas``: engine process j hosts replica j.
+    # None: chosen from the machine and the models (runtime/layout.py).
+    cpu_workers: int | None = None
+    # Overrides every model's own ``replicas``: engine process j hosts replica j. None:
+    # chosen from the machine and the models (runtime/layout.py).
     engine_replicas: int | None = None
     # Intra-op threads of each engine process; default: the cores shared among them.
     engine_threads: int | None = None
@@ -42,9 +44,11 @@ class ServerConfig:
     def __post_init__(self) -> None:
         if self.mode not in ("split", "threaded"):
             raise ValueError(f"mode must be 'split' or 'threaded', got {self.mode!r}")
-        for name in ("cpu_workers", "worker_concurrency", "threads", "queue_size"):
+        for name in ("worker_concurrency", "threads", "queue_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        if self.cpu_workers is not None and self.cpu_workers < 1:
+            raise ValueError("cpu_workers must be >= 1")
         if self.engine_replicas is not None and self.engine_replicas < 1:
             raise ValueError("engine_replicas must be >= 1")
 

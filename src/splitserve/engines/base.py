@@ -29,6 +29,9 @@ class Engine(abc.ABC):
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
     simulated = False  # True only for the simulated accelerator: labelled wherever it shows
+    # True when batches compute on the host's cores (not on an accelerator): such batches
+    # take turns in their engine process, so no more compute threads run than it was given.
+    on_host_cores = False
 
     @abc.abstractmethod
     def infer(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

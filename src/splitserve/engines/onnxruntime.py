@@ -69,6 +69,7 @@ class OnnxRuntimeEngine(Engine):
         on_gpu = self.providers[0] in ("CUDAExecutionProvider", "TensorrtExecutionProvider")
         self.io_binding = bool(options.pop("io_binding", on_gpu))
         self._output_device = "cuda" if on_gpu else "cpu"
+        self.on_host_cores = not on_gpu
 
     def infer(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self.io_binding:

@@ -207,6 +207,7 @@ class TorchEngine(Engine):
         self.dtype = COMPUTE_DTYPES[dtype_name]
         self.device = resolve_device(options.get("device"))
         self.cuda = self.device.type == "cuda"
+        self.on_host_cores = not self.cuda
         use_graphs = bool(options.get("cuda_graphs", False))
         if use_graphs and not self.cuda:
             raise ValueError(

@@ -61,7 +61,13 @@ class ModelRunner(threading.Thread):
     """Runs the batches of one model and hands the replies to the I/O thread."""
 
     def __init__(
-        self, key: str, model: Model, engine: Engine, pool: ShmPool, deliver: Deliver
+        self,
+        key: str,
+        model: Model,
+        engine: Engine,
+        pool: ShmPool,
+        deliver: Deliver,
+        compute_slot: threading.Lock | None = None,
     ) -> None:
         super().__init__(name=f"model:{key}", daemon=True)
         self.key = key
@@ -83,6 +89,8 @@ class ModelRunner(threading.Thread):
         )
         self.pool = pool
         self.deliver = deliver
+        # Held while a batch computes on the host's cores (see EngineProcess).
+        self.compute_slot = compute_slot if engine.on_host_cores else None
         self.counters = ModelCounters(model.backend, engine.simulated)
         self._stop = threading.Event()
 
@@ -106,9 +114,10 @@ class ModelRunner(threading.Thread):
                         self.send_error(req.key, EngineFault(f"{type(exc).__name__}: {exc}"))
 
     def run_batch(self, batch: Batch) -> None:
-        started = time.monotonic()
         try:
-            outputs = self.engine.infer(batch.inputs)
+            with self.compute_slot or contextlib.nullcontext():
+                started = time.monotonic()
+                outputs = self.engine.infer(batch.inputs)
             check_outputs(outputs, batch.size)
         except Exception as exc:
             log.warning("%s: inference failed on a batch of %d: %s", self.key, batch.size, exc)
@@ -187,6 +196,12 @@ class EngineProcess:
         self.capacities: dict[chan.Channel, int] = {}
         self.loop: asyncio.AbstractEventLoop | None = None
         threads = cfg.threads_per_engine(engine_count)
+        # One batch at a time computes on the host's cores in this process: each uses the
+        # process's `threads`, so models that run side by side (det, cls, rec) would
+        # otherwise run several times as many compute threads as cores and lose to the
+        # switching (measured: docs/benchmarks.md). Batches of other models queue for the
+        # slot as kernels queue for a GPU; accelerator batches never wait for it.
+        compute_slot = threading.Lock()
         self.runners: dict[str, ModelRunner] = {}
         for key, model in models.items():
             path = cfg.model_file(classes[key.partition("/")[0]], key, model)
@@ -201,7 +216,9 @@ class EngineProcess:
                 threads,
                 time.monotonic() - started,
             )
-            self.runners[key] = ModelRunner(key, model, engine, self.pool, self.deliver)
+            self.runners[key] = ModelRunner(
+                key, model, engine, self.pool, self.deliver, compute_slot
+            )
 
     @staticmethod
     def _warm_up(key: str, engine: Engine) -> None:

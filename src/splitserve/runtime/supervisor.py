@@ -30,6 +30,7 @@ from splitserve.runtime import messages as msg
 from splitserve.runtime.cpu_worker import run_cpu_worker
 from splitserve.runtime.engine_worker import run_engine_process
 from splitserve.runtime.front import run_front
+from splitserve.runtime.layout import default_layout
 from splitserve.runtime.process import check_port_free, configure_logging
 from splitserve.runtime.shm import remove_segments
 
@@ -61,6 +62,14 @@ class Supervisor:
         check_port_free(cfg.host, cfg.port)
         classes = cfg.load_services()
         artifacts = build_engines(classes)
+        if cfg.cpu_workers is None or cfg.engine_replicas is None:  # fill in the defaults
+            declared = {k: m for models in cfg.engine_layout(classes) for k, m in models.items()}
+            layout = default_layout(declared, cpu_workers=cfg.cpu_workers)
+            cfg = replace(
+                cfg,
+                cpu_workers=layout.cpu_workers,
+                engine_replicas=cfg.engine_replicas or layout.engine_replicas,
+            )
         run_dir = tempfile.mkdtemp(prefix="splitserve-")
         os.chmod(run_dir, 0o700)  # the sockets inside: this user only (docs/security.md)
         self.cfg = replace(cfg, run_dir=run_dir, supervisor_pid=os.getpid(), artifacts=artifacts)
