@@ -23,16 +23,15 @@ from __future__ import annotations
 import importlib.metadata
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from splitserve.service import Model
 
 MAX_CPU_REPLICAS = 8
 
 
-@dataclass(frozen=True)
-class Layout:
+class Layout(NamedTuple):
     cpu_workers: int
     engine_replicas: int | None  # None: each model's own ``replicas``
 
