@@ -19,7 +19,9 @@ from examples.vision.model import tiny_resnet
 from splitserve.engines.base import create_engine
 from splitserve.engines.torch import TorchEngine, batch_buckets, resolve_device
 from splitserve.errors import BadRequest
-from splitserve.service import Model
+from splitserve.layout import Declaration, resolve
+from splitserve.service import Model, Service
+from splitserve.spec import ModelKey
 from tests.conftest import Server, children_of, process_name
 
 TINY = "examples.vision.model:tiny_resnet"
@@ -160,9 +162,16 @@ def test_compile_runs_the_same_network() -> None:
     assert engine.metadata()["compiled"] == "true"
 
 
-def test_create_engine_uses_the_factory_path_as_is() -> None:
-    model = Model(TINY, backend="torch", max_batch_size=4, options=CPU)
-    engine = create_engine(model, Path("/nonexistent") / TINY, threads=1)
+def test_a_factory_path_is_used_as_is() -> None:
+    """A factory is imported by name; only a file path is resolved beside the service."""
+
+    class Tiny(Service):
+        model = Model(TINY, backend="torch", max_batch_size=4, options=CPU)
+
+    assert Tiny.model is not None
+    spec = resolve(Declaration(ModelKey("tiny", "model"), Tiny, Tiny.model), None, threads=1)
+    assert spec.source == TINY and spec.threads == 1
+    engine = create_engine(spec)
     assert isinstance(engine, TorchEngine)
     assert engine.infer(engine.warmup_batch(2))["logits"].shape == (2, 10)
 

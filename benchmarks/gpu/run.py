@@ -195,6 +195,8 @@ def engine_only_child(backend: str, batch_sizes: list[int], seconds: float, out:
     os.environ[BACKEND_ENV] = backend
     from examples.vision import service as vision
     from splitserve.engines.base import create_engine
+    from splitserve.layout import Declaration, resolve
+    from splitserve.spec import ModelKey
 
     declared = vision.Classify.model
     assert declared is not None
@@ -202,7 +204,8 @@ def engine_only_child(backend: str, batch_sizes: list[int], seconds: float, out:
     info: dict[str, Any] = {"backend": backend, "options": _jsonable(dict(model.options))}
     with tempfile.TemporaryDirectory(prefix="splitserve-gpu-bench-") as run_dir:
         began = time.monotonic()
-        engine = create_engine(model, Path(model.path), threads=None, run_dir=Path(run_dir))
+        declaration = Declaration(ModelKey("vision", "model"), vision.Classify, model)
+        engine = create_engine(resolve(declaration, None, None), run_dir=Path(run_dir))
         info["load_s"] = time.monotonic() - began
         info["metadata"] = engine.metadata()
         if backend == "torch":

@@ -11,7 +11,6 @@ import importlib
 import importlib.util
 import io
 import json
-import os
 import sys
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from splitserve.errors import BadRequest, PayloadTooLarge, Unprocessable, UnsupportedMediaType
+from splitserve.importing import add_working_directory_to_path
 
 Tensors = dict[str, np.ndarray]
 InferFn = Callable[[str, Mapping[str, np.ndarray]], Awaitable[Tensors]]
@@ -267,8 +267,7 @@ def load_service(spec: str) -> type[Service]:
     if ":" not in spec:
         raise ValueError(f"service must be given as module:Class, got {spec!r}")
     module_name, _, class_name = spec.rpartition(":")
-    if os.getcwd() not in sys.path:  # like `python -m`: modules of the working directory
-        sys.path.insert(0, os.getcwd())
+    add_working_directory_to_path()  # what a service file imports may live there
     if module_name.endswith(".py"):
         file = Path(module_name).resolve()
         mod_name = f"splitserve_user_{file.stem}"

@@ -10,6 +10,7 @@ import numpy as np
 import onnxruntime as ort
 
 from splitserve.engines.base import Engine, TensorSpec
+from splitserve.spec import ModelSpec
 
 # onnxruntime reports element types as strings such as "tensor(float)".
 _ORT_TYPES = {
@@ -70,6 +71,10 @@ class OnnxRuntimeEngine(Engine):
         self.io_binding = bool(options.pop("io_binding", on_gpu))
         self._output_device = "cuda" if on_gpu else "cpu"
 
+    @classmethod
+    def from_spec(cls, spec: ModelSpec, run_dir: Path | None) -> OnnxRuntimeEngine:
+        return cls(Path(spec.source), threads=spec.threads, options=spec.options)
+
     def infer(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self.io_binding:
             return self._infer_bound(batch)
@@ -85,6 +90,3 @@ class OnnxRuntimeEngine(Engine):
         self.session.run_with_iobinding(binding)
         results = binding.copy_outputs_to_cpu()
         return dict(zip(self._output_names, results, strict=True))
-
-    def metadata(self) -> dict[str, Any]:
-        return dict(self.session.get_modelmeta().custom_metadata_map)

@@ -5,7 +5,7 @@ Routes:
   answer is the service's result as JSON (or bytes).
 - ``GET /v1/services``: the served services and their models.
 - ``GET /v1/stats``: cumulative counters (requests, per-stage times, batches, engine
-  busy time) for load generators; see runtime/stats.py.
+  busy time) for load generators; see splitserve/stats.py.
 - ``GET /health/live``: the process answers. ``GET /health/ready``: every engine has
   loaded and warmed up, and at least one CPU worker is ready (503 until then).
 
@@ -26,9 +26,8 @@ from starlette.routing import Route
 
 from splitserve.config import ServerConfig
 from splitserve.errors import BadRequest, NotFound, PayloadTooLarge, ServiceError
-from splitserve.runtime.invoke import TIMINGS_HEADER, Reply, error_reply, timings_header
-from splitserve.runtime.messages import EngineStats
-from splitserve.runtime.stats import RequestStats
+from splitserve.replies import TIMINGS_HEADER, Reply, error_reply, timings_header
+from splitserve.stats import EngineStats, RequestStats
 
 
 class Dispatcher(Protocol):
@@ -121,22 +120,6 @@ def create_app(
         Route("/health/ready", ready, methods=["GET"]),
     ]
     return Starlette(routes=routes, lifespan=lifespan)
-
-
-def describe_services(classes: dict) -> dict[str, dict[str, Any]]:
-    return {
-        name: {
-            "models": {
-                m: {
-                    "backend": model.backend,
-                    "max_batch_size": model.max_batch_size,
-                    "max_delay_ms": model.max_delay_ms,
-                }
-                for m, model in cls.declared_models().items()
-            }
-        }
-        for name, cls in classes.items()
-    }
 
 
 def serve_app(app: Starlette, cfg: ServerConfig) -> None:

@@ -15,20 +15,24 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
 from splitserve.config import ServerConfig
 from splitserve.errors import DeadlineExceeded, NotFound, ServiceError, Unavailable
+from splitserve.layout import load_services
+from splitserve.replies import error_reply
 from splitserve.runtime import channel as chan
 from splitserve.runtime import messages as msg
 from splitserve.runtime.control import report_ready
-from splitserve.runtime.invoke import error_reply, invoke_service
+from splitserve.runtime.invoke import invoke_service
 from splitserve.runtime.process import become_child, on_exit, run_loop
+from splitserve.runtime.rundir import RunDir
 from splitserve.runtime.shm import ShmAttachments, ShmPool
 from splitserve.runtime.transport import pack_tensors, unpack_tensors
 from splitserve.service import Request, Service, Tensors
+from splitserve.spec import ModelKey
 
 log = logging.getLogger("splitserve.worker")
 
@@ -47,21 +51,27 @@ class EngineLink:
 
 
 class CpuWorker:
-    def __init__(self, cfg: ServerConfig, index: int) -> None:
+    def __init__(
+        self,
+        cfg: ServerConfig,
+        run: RunDir,
+        index: int,
+        routes: Mapping[str, Sequence[int]],
+        engine_count: int,
+    ) -> None:
         self.cfg = cfg
+        self.run = run
         self.index = index
-        self.pool = ShmPool(cfg.supervisor_pid, cfg.shm_pool_bytes)
+        self.pool = ShmPool(run.supervisor_pid, cfg.shm_pool_bytes)
         on_exit(self.pool.close)
         self.attachments = ShmAttachments()
-        classes = cfg.load_services()
+        classes = load_services(cfg.services)
         self.services: dict[str, Service] = {name: cls() for name, cls in classes.items()}
-        layout = cfg.engine_layout(classes)
-        self.links = [EngineLink(j, cfg.engine_socket(j)) for j in range(len(layout))]
+        self.links = [EngineLink(j, run.engine_socket(j)) for j in range(engine_count)]
         # model key -> the engine links hosting a replica of it
-        self.routes: dict[str, list[EngineLink]] = {}
-        for j, models in enumerate(layout):
-            for key in models:
-                self.routes.setdefault(key, []).append(self.links[j])
+        self.routes: dict[str, list[EngineLink]] = {
+            key: [self.links[j] for j in engines] for key, engines in routes.items()
+        }
         self._ids = itertools.count(1)
         self.front: chan.Channel | None = None
         self.tasks: set[asyncio.Task] = set()
@@ -76,7 +86,7 @@ class CpuWorker:
         """The ``infer`` callable a service's ``handle`` receives for one job."""
 
         async def infer(model: str, inputs: Mapping[str, np.ndarray]) -> Tensors:
-            return await self.infer(f"{service}/{model}", inputs, deadline, timings)
+            return await self.infer(str(ModelKey(service, model)), inputs, deadline, timings)
 
         return infer
 
@@ -95,7 +105,7 @@ class CpuWorker:
         started = time.monotonic()
         routes = self.routes.get(key)
         if not routes:
-            service, _, model = key.partition("/")
+            service, model = ModelKey.parse(key)
             raise NotFound(f"service {service!r} declares no model {model!r}")
         links = [link for link in routes if link.channel is not None]
         if not links:  # every replica is restarting: wait for one, within the deadline
@@ -225,10 +235,10 @@ class CpuWorker:
             self._spawn(self.engine_link(link))
         for link in self.links:  # ready means able to reach every engine
             await link.connected.wait()
-        self.front = await chan.connect(self.cfg.socket_path("front"), timeout=float("inf"))
+        self.front = await chan.connect(self.run.socket_path("front"), timeout=float("inf"))
         hello = msg.WorkerHello(self.index, os.getpid(), self.cfg.worker_concurrency)
         self.front.send([msg.encode(hello)])
-        report_ready(self.cfg, "worker", self.index)
+        report_ready(self.run, "worker", self.index)
         while True:  # the front going away ends this worker (the supervisor restarts all)
             header, *frames = await self.front.recv()
             job = msg.front_decoder.decode(header)
@@ -241,9 +251,18 @@ class CpuWorker:
         task.add_done_callback(self.tasks.discard)
 
 
-def run_cpu_worker(cfg: ServerConfig, index: int) -> None:
-    """Entry point of a CPU worker process (started by the supervisor)."""
-    become_child(f"splitserve-cpu-{index}", cfg.supervisor_pid, cfg.log_level)
-    worker = CpuWorker(cfg, index)
+def run_cpu_worker(
+    cfg: ServerConfig,
+    run: RunDir,
+    index: int,
+    routes: Mapping[str, Sequence[int]],
+    engine_count: int,
+) -> None:
+    """Entry point of a CPU worker process (started by the supervisor).
+
+    It gets the engine routes, never the models' specs: nothing here loads a model.
+    """
+    become_child(f"splitserve-cpu-{index}", run.supervisor_pid, cfg.log_level)
+    worker = CpuWorker(cfg, run, index, routes, engine_count)
     worker.setup()
     run_loop(worker.serve())
