@@ -222,7 +222,7 @@ def engine_only_child(backend: str, batch_sizes: list[int], seconds: float, out:
         for size in batch_sizes:
             batch = {"images": rng.standard_normal((size, 3, 224, 224), dtype=np.float32)}
             t0 = time.monotonic()
-            times = time_calls(lambda b=batch: engine.infer(b), seconds, 20_000)
+            times = time_calls(lambda b=batch: engine.run_batch(b), seconds, 20_000)
             t1 = time.monotonic()
             ordered = sorted(times)
             results.append(
@@ -253,7 +253,7 @@ def check_against_cpu(engine: Any, rng: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for rows in (1, 3):  # 3 rows run in the 4-row graph: padding must not leak
         x = rng.standard_normal((rows, 3, 224, 224), dtype=np.float32)
-        got = engine.infer({"images": x})["logits"]
+        got = engine.run_batch({"images": x})["logits"]
         with torch.inference_mode():
             want = reference(torch.from_numpy(x)).numpy()
         scale = float(np.abs(want).max())

@@ -53,8 +53,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="splitserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
-    bench_cli.add_parser(sub)
-    build_cli.add_parser(sub)
+    for name, module in (("bench", bench_cli), ("build", build_cli)):
+        module.configure(
+            sub.add_parser(
+                name,
+                help=module.HELP,
+                description=module.DESCRIPTION,
+                epilog=module.EPILOG,
+                formatter_class=argparse.RawDescriptionHelpFormatter,
+            )
+        )
     args = parser.parse_args(argv)
     if args.command == "build":
         return build_cli.run(args)

@@ -40,6 +40,8 @@ class ModelSpec:
     default). The batching fields are the declaration's (``splitserve.Model``).
     """
 
+    # The fields from ``max_batch_size`` on repeat ``splitserve.Model``'s: engines read
+    # them here, and never import service.py (pyproject's import contracts).
     key: str
     backend: str
     source: str

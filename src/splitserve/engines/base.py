@@ -37,7 +37,7 @@ class Engine(abc.ABC):
         """The engine for a resolved model spec (see ``create_engine``)."""
 
     @abc.abstractmethod
-    def infer(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def run_batch(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run one batch (axis 0 is the batch axis of every input and output)."""
 
     def check_inputs(self, inputs: Mapping[str, np.ndarray]) -> None:

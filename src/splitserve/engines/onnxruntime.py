@@ -75,7 +75,7 @@ class OnnxRuntimeEngine(Engine):
     def from_spec(cls, spec: ModelSpec, run_dir: Path | None) -> OnnxRuntimeEngine:
         return cls(Path(spec.source), threads=spec.threads, options=spec.options)
 
-    def infer(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def run_batch(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self.io_binding:
             return self._infer_bound(batch)
         results = self.session.run(self._output_names, dict(batch))

@@ -75,7 +75,7 @@ class SimulatedEngine(Engine):
     def latency_s(self, batch_size: int) -> float:
         return self.a_s + self.b_s * batch_size
 
-    def infer(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def run_batch(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows = next(iter(batch.values())).shape[0]
         outputs = {
             spec.name: self._rng.standard_normal((rows, *spec.shape[1:])).astype(spec.dtype)

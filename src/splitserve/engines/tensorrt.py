@@ -262,7 +262,7 @@ class TensorRTEngine(Engine):
             for spec in self.inputs
         }
 
-    def infer(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def run_batch(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         with self._lock:
             return self._infer(batch)
 

@@ -411,7 +411,7 @@ class TorchEngine(Engine):
 
     # --- the Engine interface --------------------------------------------------------------
 
-    def infer(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def run_batch(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         if not self.cuda:
             return self._run_cpu(batch)
         if self._graphs:

@@ -82,7 +82,7 @@ def create_app(
 
     request_stats = RequestStats()
 
-    async def infer(request: HttpRequest) -> Response:
+    async def post_service(request: HttpRequest) -> Response:
         name = request.path_params["name"]
         try:
             if name not in catalogue:
@@ -113,7 +113,7 @@ def create_app(
         return JSONResponse({"status": "not ready"}, status_code=503)
 
     routes = [
-        Route("/v1/services/{name}", infer, methods=["POST"]),
+        Route("/v1/services/{name}", post_service, methods=["POST"]),
         Route("/v1/services", services, methods=["GET"]),
         Route("/v1/stats", stats, methods=["GET"]),
         Route("/health/live", live, methods=["GET"]),

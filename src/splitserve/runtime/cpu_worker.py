@@ -52,12 +52,7 @@ class EngineLink:
 
 class CpuWorker:
     def __init__(
-        self,
-        cfg: ServerConfig,
-        run: RunDir,
-        index: int,
-        routes: Mapping[str, Sequence[int]],
-        engine_count: int,
+        self, cfg: ServerConfig, run: RunDir, index: int, routes: Mapping[str, Sequence[int]]
     ) -> None:
         self.cfg = cfg
         self.run = run
@@ -67,6 +62,7 @@ class CpuWorker:
         self.attachments = ShmAttachments()
         classes = load_services(cfg.services)
         self.services: dict[str, Service] = {name: cls() for name, cls in classes.items()}
+        engine_count = 1 + max((j for js in routes.values() for j in js), default=-1)
         self.links = [EngineLink(j, run.engine_socket(j)) for j in range(engine_count)]
         # model key -> the engine links hosting a replica of it
         self.routes: dict[str, list[EngineLink]] = {
@@ -86,11 +82,11 @@ class CpuWorker:
         """The ``infer`` callable a service's ``handle`` receives for one job."""
 
         async def infer(model: str, inputs: Mapping[str, np.ndarray]) -> Tensors:
-            return await self.infer(str(ModelKey(service, model)), inputs, deadline, timings)
+            return await self.call_engine(str(ModelKey(service, model)), inputs, deadline, timings)
 
         return infer
 
-    async def infer(
+    async def call_engine(
         self,
         key: str,
         inputs: Mapping[str, np.ndarray],
@@ -230,7 +226,7 @@ class CpuWorker:
             with contextlib.suppress(chan.ChannelClosed):
                 self.front.send([msg.encode(header), reply.body])
 
-    async def serve(self) -> None:
+    async def main(self) -> None:
         for link in self.links:
             self._spawn(self.engine_link(link))
         for link in self.links:  # ready means able to reach every engine
@@ -252,17 +248,14 @@ class CpuWorker:
 
 
 def run_cpu_worker(
-    cfg: ServerConfig,
-    run: RunDir,
-    index: int,
-    routes: Mapping[str, Sequence[int]],
-    engine_count: int,
+    cfg: ServerConfig, run: RunDir, index: int, routes: Mapping[str, Sequence[int]]
 ) -> None:
     """Entry point of a CPU worker process (started by the supervisor).
 
-    It gets the engine routes, never the models' specs: nothing here loads a model.
+    It gets the engines hosting each model (``routes``: every engine hosts one at least),
+    never the models' specs: nothing here loads a model.
     """
     become_child(f"splitserve-cpu-{index}", run.supervisor_pid, cfg.log_level)
-    worker = CpuWorker(cfg, run, index, routes, engine_count)
+    worker = CpuWorker(cfg, run, index, routes)
     worker.setup()
-    run_loop(worker.serve())
+    run_loop(worker.main())

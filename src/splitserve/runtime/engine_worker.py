@@ -90,7 +90,7 @@ class ModelRunner(threading.Thread):
                 continue
             started = time.monotonic()
             try:
-                outputs = self.engine.infer(batch.inputs)
+                outputs = self.engine.run_batch(batch.inputs)
             except Exception as exc:
                 log.exception("%s: inference failed on a batch of %d", self.key, batch.size)
                 for req in batch.fail():
@@ -159,7 +159,7 @@ class EngineProcess:
     @staticmethod
     def _warm_up(key: str, engine: Engine) -> None:
         try:
-            engine.infer(engine.warmup_batch())
+            engine.run_batch(engine.warmup_batch())
         except Exception as exc:  # a model with strict shapes: the first request warms it
             log.warning("%s: warm-up with a generic batch failed (%s)", key, exc)
 
@@ -178,11 +178,11 @@ class EngineProcess:
         with contextlib.suppress(chan.ChannelClosed):
             channel.send(frames)
 
-    async def serve(self) -> None:
+    async def main(self) -> None:
         self.loop = asyncio.get_running_loop()
         for runner in self.runners.values():
             runner.start()
-        server = await chan.serve(self.run.engine_socket(self.index), self.on_channel)
+        server = await chan.listen(self.run.engine_socket(self.index), self.on_channel)
         report_ready(self.run, "engine", self.index)
         reporter = asyncio.create_task(self.report_stats())
         try:
@@ -263,4 +263,4 @@ def run_engine_process(
     resolved specs: it imports no service module)."""
     become_child(f"splitserve-engine-{index}", run.supervisor_pid, cfg.log_level)
     engine = EngineProcess(cfg, run, index, models)
-    run_loop(engine.serve())
+    run_loop(engine.main())

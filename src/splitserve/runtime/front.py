@@ -52,7 +52,7 @@ class SplitDispatcher:
 
     async def start(self) -> None:
         """Listen for workers (inside the HTTP server's event loop)."""
-        self.server = await chan.serve(self.run.socket_path("front"), self.on_worker)
+        self.server = await chan.listen(self.run.socket_path("front"), self.on_worker)
         self.tasks = [asyncio.create_task(self.watch_state())]
         report_ready(self.run, "front", 0)
 

@@ -58,7 +58,7 @@ class InProcessService:
             key = ModelKey(self.name, model_name)
             spec = resolve(Declaration(key, cls, model), artifacts.get(model_name), engine_threads)
             engine = create_engine(spec)
-            engine.infer(engine.warmup_batch())
+            engine.run_batch(engine.warmup_batch())
             limit = min(model.max_batch_size, engine.max_batch_size or model.max_batch_size)
             counters = ModelCounters(model.backend, engine.simulated)
             self.engines[model_name] = (engine, limit, counters)
@@ -80,7 +80,7 @@ class InProcessService:
             if self.observe is not None:  # what the engine runs: batches within its limit
                 self.observe(model, chunk)
             began = time.monotonic()
-            chunks.append(engine.infer(chunk))
+            chunks.append(engine.run_batch(chunk))
             counters.record(min(limit, rows - start), time.monotonic() - began, 0.0)
         if counters.simulated:
             self._local.simulated = True

@@ -62,13 +62,12 @@ class Supervisor:
         self.cfg = cfg
         self.run_dir = run = RunDir(tempfile.mkdtemp(prefix="splitserve-"), os.getpid())
         self.mp = multiprocessing.get_context("spawn")
-        engines = len(layout.engines)
         self.children = [
             Child("engine", j, run_engine_process, (cfg, run, j, models), {})
             for j, models in enumerate(layout.engines)
         ]
         self.children += [
-            Child("worker", i, run_cpu_worker, (cfg, run, i, layout.routes, engines), WORKER_ENV)
+            Child("worker", i, run_cpu_worker, (cfg, run, i, layout.routes), WORKER_ENV)
             for i in range(cfg.cpu_workers)
         ]
         self.children.append(Child("front", 0, run_front, (cfg, run, layout.catalogue), WORKER_ENV))
