@@ -1,7 +1,7 @@
 """The user contract: a ``Service`` with its ``Model`` declarations, and the ``Request``.
 
 A service runs in CPU worker processes (split mode) or in request threads (threaded
-mode); the same class serves both. It never loads a model itself: it declares them,
+mode); the same class serves both. It never runs a model itself: it declares them,
 and calls ``infer`` to have an engine process run them.
 """
 
@@ -213,7 +213,9 @@ class Service:
     models: ClassVar[Mapping[str, Model]] = {}
 
     def setup(self) -> None:
-        """Per-process initialisation (tables, tokenizers...). Never load models here."""
+        """Per-process initialisation (tables, tokenizers...). Models run in engines, not
+        here; reading a model file's metadata is fine (the OCR service reads its
+        recogniser's character table)."""
 
     def preprocess(self, request: Request) -> Mapping[str, np.ndarray]:
         raise NotImplementedError(f"{type(self).__name__} must define preprocess() or handle()")

@@ -133,6 +133,7 @@ class EngineProcess:
         self.cfg = cfg
         self.run = run
         self.index = index
+        # As in a CPU worker: a pool for what this process sends, maps of what it reads.
         self.pool = ShmPool(run.supervisor_pid, cfg.shm_pool_bytes)
         on_exit(self.pool.close)
         self.attachments = ShmAttachments()
