@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import splitserve
-from splitserve.runtime.layout import MAX_CPU_REPLICAS, default_layout, on_accelerator
+from splitserve.layout import MAX_CPU_REPLICAS, default_layout, on_accelerator
 
 CPU_MODEL = splitserve.Model("m.onnx")
 SIMULATED = splitserve.Model(backend="simulated", options={"latency_ms": [1, 1]})

@@ -18,6 +18,17 @@ def engine_rows(server: Server, key: str) -> int:
     return model["rows"] if model else 0
 
 
+def settled_rows(server: Server, key: str) -> int:
+    """The model's row count once the engines' reports (every second) stop changing it."""
+    last = engine_rows(server, key)
+    while True:
+        time.sleep(1.5)
+        now = engine_rows(server, key)
+        if now == last:
+            return now
+        last = now
+
+
 @pytest.fixture(scope="module")
 def misbehave() -> Server:
     server = Server(["tests.services:Misbehave"], "--cpu-workers", "1", "--worker-concurrency", "1")
@@ -45,8 +56,7 @@ def test_an_engine_side_shape_error_is_a_400_of_its_own_kind(misbehave) -> None:
 
 
 def test_a_request_past_its_own_deadline_is_cancelled_before_inference(misbehave) -> None:
-    time.sleep(1.2)  # engine counters reach the front every second
-    before = engine_rows(misbehave, "misbehave/identity")
+    before = settled_rows(misbehave, "misbehave/identity")
     started = time.monotonic()
     r = misbehave.post("misbehave", json={"wait_s": 1.5}, headers={"X-Request-Timeout": "0.3"})
     assert r.status_code == 504, r.text
@@ -58,8 +68,7 @@ def test_a_request_past_its_own_deadline_is_cancelled_before_inference(misbehave
 
 
 def test_a_client_that_disconnects_cancels_its_job(misbehave) -> None:
-    time.sleep(1.2)
-    before = engine_rows(misbehave, "misbehave/identity")
+    before = settled_rows(misbehave, "misbehave/identity")
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{misbehave.url}/v1/services/misbehave", json={"wait_s": 1.5}, timeout=0.3)
     time.sleep(2.5)
