@@ -1,5 +1,5 @@
 """The ``splitserve`` command: ``serve`` runs services, ``build`` makes gated engines,
-``bench`` load-tests a server."""
+``bench`` load-tests a server, ``tune`` searches the fastest layout for a service."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from splitserve import config
+from splitserve import config, tune
 from splitserve.bench import cli as bench_cli
 from splitserve.compile import cli as build_cli
 from splitserve.config import ServerConfig
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="splitserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
-    for name, module in (("bench", bench_cli), ("build", build_cli)):
+    for name, module in (("bench", bench_cli), ("build", build_cli), ("tune", tune)):
         module.configure(
             sub.add_parser(
                 name,
@@ -67,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "build":
         return build_cli.run(args)
+    if args.command == "tune":
+        return tune.run(args)
     if args.command == "bench":
         return bench_cli.run(args, sys.argv[1:] if argv is None else argv)
     if args.command == "serve":
