@@ -354,6 +354,7 @@ def animated(fmt: str, **options: Any) -> bytes:
 
 
 DEEP_ARRAY = b"[" * 100_000 + b"]" * 100_000
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n0 0 moveto showpage\n"
 
 
 def _named_cases() -> list[Case]:
@@ -375,6 +376,9 @@ def _named_cases() -> list[Case]:
             bad(400),
         ),
         Case("deep JSON with an image", "image_stats", DEEP_ARRAY, "application/json", bad(400)),
+        Case("PNG header of 0x0", "image_stats", png_claiming(0, 0), None, bad(400)),
+        Case("BMP header of 0x4", "image_stats", claiming("BMP", 0, 4), None, bad(400)),
+        Case("EPS (runs Ghostscript) is refused", "image_stats", EPS, None, bad(400)),
         Case(
             "1x1 image",
             "image_stats",
