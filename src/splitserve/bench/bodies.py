@@ -7,13 +7,12 @@ Every body is read once, before the load starts, so the loops only index a list.
 from __future__ import annotations
 
 import json
-import mimetypes
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-OCTET_STREAM = "application/octet-stream"
-JSON = "application/json"
+from splitserve.media import JSON, OCTET_STREAM, file_image_type
+from splitserve.media import content_type as guess_content_type
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,39 +21,6 @@ class Payload:
 
     data: bytes
     content_type: str
-
-
-# The first bytes of each image format a vision service takes, and its content type.
-# Files are recognised by content, not name: a folder of pages may also hold each
-# page's ground truth (.json), which is not a request body.
-IMAGE_SIGNATURES: tuple[tuple[bytes, str], ...] = (
-    (b"\xff\xd8\xff", "image/jpeg"),
-    (b"\x89PNG\r\n\x1a\n", "image/png"),
-    (b"GIF87a", "image/gif"),
-    (b"GIF89a", "image/gif"),
-    (b"BM", "image/bmp"),
-    (b"II*\x00", "image/tiff"),
-    (b"MM\x00*", "image/tiff"),
-)
-
-
-def image_type(head: bytes) -> str | None:
-    """The image content type that a file's first bytes announce (None: not an image)."""
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return "image/webp"
-    return next((ctype for magic, ctype in IMAGE_SIGNATURES if head.startswith(magic)), None)
-
-
-def guess_content_type(path: Path) -> str:
-    """The content type of a file: an image's from its first bytes, anything else's from
-    its extension (octet-stream when unknown)."""
-    with path.open("rb") as f:
-        sniffed = image_type(f.read(16))
-    if sniffed:
-        return sniffed
-    if path.suffix.lower() == ".json":
-        return JSON
-    return mimetypes.guess_type(path.name)[0] or OCTET_STREAM
 
 
 @dataclass(frozen=True)
@@ -101,7 +67,7 @@ def select_files(directory: Path, pattern: str | None = None) -> Selection:
         matching = set(directory.glob(pattern))
         chosen = [p for p in candidates if p in matching]
     else:
-        chosen = [p for p in candidates if _is_image(p)]
+        chosen = [p for p in candidates if file_image_type(p)]
     picked = set(chosen)
     selection = Selection(directory, chosen, [p for p in candidates if p not in picked], pattern)
     if not chosen:
@@ -112,11 +78,6 @@ def select_files(directory: Path, pattern: str | None = None) -> Selection:
             + ("" if pattern else " (or use --json-body FILE for JSON bodies)")
         )
     return selection
-
-
-def _is_image(path: Path) -> bool:
-    with path.open("rb") as f:
-        return image_type(f.read(16)) is not None
 
 
 def from_files(files: list[Path], content_type: str | None = None) -> list[Payload]:
