@@ -445,3 +445,24 @@ def test_gate_accepts_non_finite_values_only_where_fp32_has_them():
     assert output_error(ref, np.array([0.0, -np.inf, 1.0, 2.01])).finite
     assert not output_error(ref, np.array([0.0, 5.0, 1.0, 2.0])).finite
     assert not output_error(ref, np.array([np.inf, -np.inf, 1.0, 2.0])).finite
+
+
+def test_a_model_with_external_weights_builds_and_its_weights_are_in_the_key(
+    models, cache, tmp_path
+):
+    """Exporters write large weights beside the graph (model.onnx.data)."""
+    path = tmp_path / "cnn.onnx"
+    model = onnx.load(models["cnn"])
+    onnx.save(model, path, save_as_external_data=True, location="cnn.onnx.data", size_threshold=0)
+    assert (tmp_path / "cnn.onnx.data").exists()
+    spec = BuildSpec(path, "fp16", calibration=models["cnn_inputs"])
+    first = build(spec)
+    assert first.report["gate"]["passed"] and build(spec).reused
+    model = onnx.load(models["cnn"])
+    for init in model.graph.initializer:  # new weights, same graph
+        if init.name == "fc":
+            values = onnx.numpy_helper.to_array(init) * 2
+            init.CopyFrom(onnx.numpy_helper.from_array(values, "fc"))
+    onnx.save(model, path, save_as_external_data=True, location="cnn.onnx.data", size_threshold=0)
+    again = build(spec)
+    assert not again.reused and again.directory != first.directory

@@ -293,7 +293,7 @@ class _Builder:
 
 def _key_fields(spec: BuildSpec, data_digest: str) -> dict[str, Any]:
     return {
-        "model": cache.file_hash(spec.model_path),
+        "model": model_hash(spec.model_path),
         "precision": spec.precision,
         "keep_fp32": sorted(spec.keep_fp32),
         "search": spec.search,
@@ -311,6 +311,25 @@ def _key_fields(spec: BuildSpec, data_digest: str) -> dict[str, Any]:
         if spec.service
         else None,
     }
+
+
+def model_hash(path: Path) -> str:
+    """The hash of an ONNX model and of the external data files it names (exporters write
+    large weights beside the graph, ``model.onnx.data``): new weights, a new cache entry."""
+    graph = onnx.load(path, load_external_data=False).graph
+    tensors = [*graph.initializer]
+    tensors += [a.t for n in graph.node for a in n.attribute if a.type == a.TENSOR]
+    locations = sorted(
+        {
+            entry.value
+            for tensor in tensors
+            if tensor.data_location == onnx.TensorProto.EXTERNAL
+            for entry in tensor.external_data
+            if entry.key == "location"
+        }
+    )
+    digests = [cache.file_hash(path), *(cache.file_hash(path.parent / loc) for loc in locations)]
+    return digests[0] if len(digests) == 1 else cache.cache_key({"files": digests})
 
 
 def _data_digest(spec: BuildSpec) -> str:
