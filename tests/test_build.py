@@ -466,3 +466,26 @@ def test_a_model_with_external_weights_builds_and_its_weights_are_in_the_key(
     onnx.save(model, path, save_as_external_data=True, location="cnn.onnx.data", size_threshold=0)
     again = build(spec)
     assert not again.reused and again.directory != first.directory
+
+
+def test_the_vision_classifier_exported_by_torch_builds_at_fp16(cache, tmp_path):
+    """examples/vision's network (its small variant) as a user exports it: torch's ONNX
+    exporter, weights in an external file, then `splitserve build --precision fp16`."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("onnxscript")
+    from examples.vision.model import tiny_resnet
+
+    path = tmp_path / "classifier.onnx"
+    torch.onnx.export(
+        tiny_resnet().eval(),
+        (torch.randn(1, 3, 64, 64),),
+        str(path),
+        input_names=["images"],
+        output_names=["logits"],
+        dynamic_shapes={"x": {0: torch.export.Dim("batch", max=64)}},
+    )
+    inputs = tmp_path / "inputs"
+    write_batches(inputs, (3, 64, 64), 4, seed=6)
+    done = _cli(str(path), "--precision", "fp16", "--calibration", str(inputs), env_cache=cache)
+    assert done.returncode == 0, done.stderr
+    assert "gate: passed" in done.stdout
