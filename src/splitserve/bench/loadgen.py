@@ -431,7 +431,7 @@ class _Window:
 
     def phase(self, t: float) -> Phase:
         """Where a request starting at ``t`` falls (counts bound both the warm-up and
-        the window)."""
+        the window); the first measured one notes the client's CPU time."""
         if t >= self.stop_at:
             return Phase.STOP
         if t >= self.measure_from:
