@@ -81,3 +81,46 @@ def write_inputs(folder: Path, shape: tuple[int, ...], count: int, seed: int = 0
     rng = np.random.default_rng(seed)
     for i in range(count):
         np.save(folder / f"batch_{i:03d}.npy", rng.normal(0, 1, (4, *shape)).astype(np.float32))
+
+
+def make_clipped(path: Path) -> None:
+    """Conv -> Clip(0, six) -> Div(six): the MobileNet hard-swish shape of the OCR
+    detector, where Clip's bounds and Div's divisor are one shared constant. Keeping
+    either layer in fp32 leaves the other with an input of the wrong float type unless
+    every typed input of a kept layer is cast."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(5)
+    inits = [
+        numpy_helper.from_array(rng.normal(0, 0.3, (4, 3, 3, 3)).astype(np.float32), "w"),
+        numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+        numpy_helper.from_array(np.array(6.0, np.float32), "six"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["a"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Clip", ["a", "zero", "six"], ["c"], name="clip"),
+        helper.make_node("Div", ["c", "six"], ["y"], name="div"),
+    ]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 8, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4, 8, 8])
+    _save(nodes, [x], [y], inits, path)
+
+
+def make_near_zero(path: Path) -> None:
+    """Sigmoid(x @ w - 30): a probability map that is all but zero on most inputs (as a
+    text detector's on an image without text, ~1e-13), finite everywhere."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(9)
+    inits = [
+        numpy_helper.from_array(rng.normal(0, 0.2, (8, 8)).astype(np.float32), "w"),
+        numpy_helper.from_array(np.array(-30.0, np.float32), "shift"),
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["h"], name="dense"),
+        helper.make_node("Add", ["h", "shift"], ["z"], name="shift"),
+        helper.make_node("Sigmoid", ["z"], ["y"], name="sigmoid"),
+    ]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 8])
+    _save(nodes, [x], [y], inits, path)

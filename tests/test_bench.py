@@ -15,8 +15,9 @@ from typing import Any
 
 import pytest
 
-from splitserve.bench import server_stats
+from splitserve.bench import report, server_stats
 from splitserve.bench.cli import main as bench_main
+from splitserve.bench.loadgen import Result
 from splitserve.bench.servers import free_port, start_trivial, stop_server
 from tests.conftest import ROOT, Server
 
@@ -85,7 +86,8 @@ def test_closed_loop_sweep_reports_every_level(trivial: Trivial, tmp_path, capsy
         assert level["warmup_requests"] > 0 and level["server"] is None
         assert 0.5 < level["duration_s"] < 1.0
     out = capsys.readouterr().out
-    assert "req/s" in out and "p99 ms" in out and "client cpu ms/req" in out
+    assert "ok req/s" in out and "p99 ms" in out and "client cpu ms/req" in out
+    assert "ERRORS" not in out
     assert "no /v1/stats" in out
 
 
@@ -156,23 +158,119 @@ def test_chunked_and_closing_answers(trivial_factory, tmp_path, framing: str) ->
     assert level["errors"] == {} and level["ok"] > 20
 
 
-def test_body_dir_round_robin_with_guessed_types(trivial_factory, tmp_path) -> None:
+PNG = b"\x89PNG\r\n\x1a\n" + bytes(8)
+JPEG = b"\xff\xd8\xff\xe0" + bytes(8)
+
+
+def test_body_dir_sends_the_images_only(trivial_factory, tmp_path, capsys) -> None:
+    # The layout examples/ocr/make_images.py writes: each page beside its ground truth.
+    pages = tmp_path / "pages"
+    (pages / "sub").mkdir(parents=True)
+    (pages / "doc_000.png").write_bytes(PNG)
+    (pages / "doc_000.json").write_text('{"lines": ["truth"]}')
+    (pages / "sub" / "doc_001.jpg").write_bytes(JPEG)
+    (pages / "sub" / "doc_001.json").write_text('{"lines": ["more truth"]}')
+    (pages / "scan.dat").write_bytes(PNG + b"x")  # an image by its bytes, whatever its name
+    (pages / "notes.txt").write_text("not a body")
+    (pages / ".hidden.png").write_bytes(PNG + b"hidden")
+    server = trivial_factory("--record")
+    argv = ["--body-dir", str(pages), "--max-requests", "30", "--warmup", "0", "--no-progress"]
+    rc, _ = bench(tmp_path, server.url, *argv)
+    assert rc == 0
+    assert server.received() == {
+        f"image/png {sha(PNG)}": 10,
+        f"image/png {sha(PNG + b'x')}": 10,
+        f"image/jpeg {sha(JPEG)}": 10,
+    }
+    err = capsys.readouterr().err
+    assert "sending 3 images; skipped 3 other files (2 .json, 1 .txt)" in err
+    assert "--body-glob '*.json'" in err
+
+
+def test_body_glob_sends_the_files_it_names(trivial_factory, tmp_path) -> None:
     bodies = tmp_path / "bodies"
     (bodies / "sub").mkdir(parents=True)
     files = {
         "a.json": (b'{"values": [1]}', "application/json"),
-        "b.png": (b"\x89PNG fake", "image/png"),
+        "b.png": (PNG, "image/png"),
         "sub/c.bin": (b"\x00\x01\x02", "application/octet-stream"),
     }
     for name, (data, _) in files.items():
         (bodies / name).write_bytes(data)
     (bodies / ".hidden").write_bytes(b"never sent")
-    server = trivial_factory("--record")
     argv = ["--body-dir", str(bodies), "--max-requests", "30", "--warmup", "0", "--no-progress"]
-    rc, _ = bench(tmp_path, server.url, *argv)
+    server = trivial_factory("--record")
+    rc, _ = bench(tmp_path, server.url, *argv, "--body-glob", "**/*")
     assert rc == 0
-    expected = {f"{ctype} {sha(data)}": 10 for data, ctype in files.values()}
-    assert server.received() == expected
+    assert server.received() == {f"{ctype} {sha(data)}": 10 for data, ctype in files.values()}
+    only_json = trivial_factory("--record")
+    rc, _ = bench(tmp_path, only_json.url, *argv, "--body-glob", "*.json")
+    assert only_json.received() == {f"application/json {sha(files['a.json'][0])}": 30}
+
+
+def test_body_dir_without_images_says_what_is_there(tmp_path, capsys) -> None:
+    truth = tmp_path / "truth"
+    truth.mkdir()
+    for i in range(3):
+        (truth / f"doc_{i}.json").write_text("{}")
+    rc = bench_main(["http://127.0.0.1:9/", "--body-dir", str(truth), "--no-progress"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "nothing to send: 0 images; skipped 3 other files (3 .json)" in err
+    assert "--body-glob '*.json'" in err and "--json-body" in err
+    rc = bench_main(["http://127.0.0.1:9/", "--body-glob", "*.json", "--no-progress"])
+    assert rc == 2 and "name the folder too" in capsys.readouterr().err
+
+
+def test_fast_errors_are_not_throughput(trivial_factory, tmp_path, capsys) -> None:
+    # Half the requests fail at once (a body refused in a millisecond), the others take
+    # 50 ms: the headline counts the successes, their latency is theirs alone.
+    server = trivial_factory("--fail-every", "2", "--fail-fast", "--delay-ms", "50")
+    argv = ["--concurrency", "4", "--duration", "1.0", "--warmup", "0.2", "--no-progress"]
+    rc, doc = bench(tmp_path, server.url, *argv)
+    assert rc == 0
+    level = doc["levels"][0]
+    assert level["failed"] == level["errors"]["503"] > 0
+    assert 0.4 < level["error_fraction"] < 0.6
+    window = level["duration_s"]
+    assert level["rps"] == pytest.approx(level["ok"] / window, rel=0.2)
+    assert level["answered_rps"] > 1.6 * level["rps"]
+    assert level["p50_ms"] >= 49  # the successes' latency, not the fast failures'
+    assert level["error_p50_ms"] < 20
+    out = capsys.readouterr().out
+    assert out.count("!!! ERRORS: more than 2% of the requests failed") == 2
+    assert "c=4 !" in out and "ok req/s" in out
+
+
+def test_no_success_at_all_exits_1(trivial_factory, tmp_path, capsys) -> None:
+    server = trivial_factory("--fail-every", "1", "--fail-status", "422")
+    rc, doc = bench(tmp_path, server.url, "--concurrency", "2", *QUICK)
+    assert rc == 1
+    level = doc["levels"][0]
+    assert level["ok"] == 0 and level["rps"] == 0 and level["error_fraction"] == 1.0
+    assert level["p50_ms"] is None  # no success: no latency to quote (null in the JSON)
+    assert "422:" in capsys.readouterr().out
+
+
+def test_busy_above_100_percent_is_explained() -> None:
+    # Two models of one engine overlapping: the engine's busy is their sum (150%).
+    delta = {
+        "mode": "split",
+        "requests": {"total": 10},
+        "engines": {"0": {"busy_fraction": 1.5}},
+        "models": {
+            "ocr/det": {"busy_fraction": 0.9, "mean_batch": 1.0},
+            "ocr/rec": {"busy_fraction": 0.6, "mean_batch": 4.0},
+        },
+        "stages_ms_mean": {},
+    }
+    result = Result("u", 4, "raw", 10, 0, 10, 1.0, 10.0, *[1.0] * 5, {}, {}, 0.1, server=delta)
+    table = report.server_table([result])
+    assert "engine 0 busy" in table and "ocr/det busy" in table and "ocr/rec busy" in table
+    assert "150%" in table and "90%" in table and "60%" in table
+    assert "above 100% its models' batches overlapped" in table
+    delta["engines"]["0"]["busy_fraction"] = 0.8
+    assert "overlapped" not in report.server_table([result])
 
 
 def test_json_body_list_and_object(trivial_factory, tmp_path) -> None:
@@ -277,8 +375,12 @@ def test_benchmarks_loadgen_reexports() -> None:
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
     for name in (
-        "closed_loop",
+        "load",
+        "run_load",
+        "ClosedLoop",
+        "OpenLoop",
         "run_closed_loop",
+        "run_open_loop",
         "Result",
         "parse_timings",
         "start_server",

@@ -15,10 +15,17 @@ import pytest
 
 from splitserve.compile.builder import BuildSpec, GateRejected, build
 from splitserve.compile.data import DataError
-from splitserve.compile.gate import output_error
+from splitserve.compile.gate import ABS_FLOOR, GateResult, output_error
 from splitserve.compile.precision import PrecisionError
 from splitserve.engines.onnxruntime import OnnxRuntimeEngine
-from tests.build_models import CNN_SHAPE, SENSITIVE_WIDTH, make_sensitive, make_small_cnn
+from tests.build_models import (
+    CNN_SHAPE,
+    SENSITIVE_WIDTH,
+    make_clipped,
+    make_near_zero,
+    make_sensitive,
+    make_small_cnn,
+)
 from tests.build_models import write_inputs as write_batches
 from tests.conftest import ROOT, Server
 
@@ -247,13 +254,133 @@ def test_server_refuses_to_start_when_the_gate_rejects(cache):
     assert "fails the accuracy gate" in done.stderr
 
 
-def test_ocr_agreement_counts_equal_text_lines():
+def test_ocr_line_equality_of_the_benchmarks():
     from examples.ocr.service import text_lines_equal
 
     assert text_lines_equal(["a b", "c"], ["a b", "c"]) == (2, 2)
     assert text_lines_equal(["a b", "c"], ["ab", "c"]) == (1, 2)  # a space is text
     assert text_lines_equal(["a", "b", "c"], ["a", "c"]) == (2, 3)  # a line lost
     assert text_lines_equal([], []) == (0, 0)
+
+
+def test_edit_distance():
+    from examples.ocr.compare import edit_distance
+
+    assert edit_distance("kitten", "sitting") == 3
+    assert edit_distance("", "abc") == edit_distance("abc", "") == 3
+    assert edit_distance("same text", "same text") == 0
+    assert edit_distance("ab", "ba") == 2  # a swap is two edits
+    assert edit_distance("No.58816 loan", "No.5B816 loan") == 1
+
+
+def test_ocr_agreement_is_one_minus_the_character_error_rate():
+    from examples.ocr.service import OCRService
+
+    def answer(*texts: str) -> dict:
+        return {"results": [{"text": t} for t in texts]}
+
+    agree = OCRService.agreement
+    page = answer("invoice 2011-10-21", "credit $5,862.10")  # 18 + 1 + 16 characters
+    assert agree(None, page, page) == (35, 35)
+    # One character misread costs one in 35 (whole-line equality would count a line lost).
+    assert agree(None, page, answer("invoice 2011-10-21", "credit $5,862.1O")) == (34, 35)
+    assert agree(None, page, answer("invoice 2011-10-21")) == (18, 35)  # a line and its break
+    # Text invented on a blank page: negative, and the gate's ratio falls to 0.
+    assert agree(None, answer(), answer("ghost")) == (-5, 0)
+    from splitserve.compile.gate import service_agreement
+
+    summed = service_agreement(
+        lambda r, n: agree(None, r, n), [page, answer()], [page, answer("ghost")]
+    )
+    assert (summed.matching, summed.total) == (30, 35)
+    assert summed.ratio == pytest.approx(30 / 35)
+
+
+def test_gate_error_is_sound_for_near_zero_references():
+    # A probability map of ~1e-9 that moved by ~1e-8: finite, and small in absolute terms.
+    rng = np.random.default_rng(0)
+    ref = rng.uniform(0, 1e-9, 1000)
+    err = output_error(ref, ref + rng.uniform(-1e-8, 1e-8, 1000))
+    assert err.finite and err.floored and err.scale < 1e-8
+    assert err.rel_l2 < 1e-4  # measured against the floor, not divided by ~0
+    assert GateResult(1e-2, {"y": err}).passed
+    # The same output moved by 0.01 in absolute terms fails, and the message says why.
+    moved = output_error(ref, ref + 0.01)
+    gate = GateResult(1e-2, {"y": moved})
+    assert not gate.passed and moved.finite
+    (failure,) = gate.failures
+    assert "relative error" in failure and f"the floor {ABS_FLOOR:g}" in failure
+    assert "not finite" not in failure and "NaN" not in failure
+    # Outputs of order one keep the plain relative measure: 1% noise reads as ~1%.
+    big = rng.normal(0, 1, 1000)
+    plain = output_error(big, big * 1.01)
+    assert not plain.floored and plain.rel_l2 == pytest.approx(0.01, rel=0.05)
+    # An exact zero reference and an exact copy: no error, no division by zero.
+    assert output_error(np.zeros(4), np.zeros(4)).rel_l2 == 0.0
+
+
+def test_uncalibrated_build_of_a_near_zero_output_passes_and_says_what_it_is_worth(tmp_path, cache):
+    """The OCR detector's case in small: on random inputs the output is ~1e-13."""
+    path = tmp_path / "near_zero.onnx"
+    make_near_zero(path)
+    done = _cli(
+        str(path), "--precision", "fp16", "--report", str(tmp_path / "r.json"), env_cache=cache
+    )
+    assert done.returncode == 0, done.stderr
+    assert "gate: passed" in done.stdout
+    assert "note: the gate judged random inputs (no --calibration)" in done.stdout
+    gate = json.loads((tmp_path / "r.json").read_text())["gate"]
+    assert gate["inputs"] == "random" and gate["note"]
+    assert gate["outputs"]["y"]["floored"] and gate["outputs"]["y"]["problem"] == ""
+
+
+@pytest.mark.parametrize("keep", [("clip",), ("div",), ("Clip",), ("auto",)])
+def test_kept_fp32_layers_with_several_typed_inputs_load(tmp_path, cache, keep):
+    """Clip's min/max and a constant Clip and Div share: every typed input of a kept
+    layer gets the layer's float type, so ONNX Runtime accepts the graph."""
+    path = tmp_path / "clipped.onnx"
+    make_clipped(path)
+    inputs = tmp_path / "inputs"
+    write_batches(inputs, (3, 8, 8), 4, seed=4)
+    # "auto" with a tolerance fp16 cannot meet: the search keeps layers one by one.
+    tolerance = 1e-6 if keep == ("auto",) else None
+    spec = BuildSpec(path, "fp16", calibration=inputs, keep_fp32=keep, tolerance=tolerance)
+    artifact = build(spec)
+    assert artifact.report["gate"]["passed"], artifact.report["gate"]
+    x = np.load(inputs / "batch_000.npy")
+    assert output_error(_outputs(path, x), _outputs(artifact.path, x)).rel_l2 < 1e-2
+
+
+def test_calibration_folder_of_pages_skips_their_ground_truth(tmp_path):
+    from splitserve.compile.data import list_files
+
+    pages = tmp_path / "pages"
+    pages.mkdir()
+    (pages / "doc_0.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(8))
+    (pages / "doc_0.json").write_text("{}")
+    (pages / "doc_1.jpg").write_bytes(b"\xff\xd8\xff\xe0" + bytes(8))
+    (pages / "doc_1.json").write_text("{}")
+    assert [p.name for p in list_files(pages)] == ["doc_0.png", "doc_1.jpg"]
+    requests = tmp_path / "requests"  # a JSON service's requests are all kept
+    requests.mkdir()
+    for i in range(2):
+        (requests / f"r{i}.json").write_text("{}")
+    assert len(list_files(requests)) == 2
+
+
+def test_cli_without_the_build_extra_names_the_extra(tmp_path, models):
+    """onnx missing (made unimportable in the child): the message says what to install."""
+    code = (
+        "import sys; sys.modules['onnx'] = None\n"
+        "from splitserve.cli import main\n"
+        f"sys.exit(main(['build', {str(models['cnn'])!r}, '--precision', 'fp16']))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 2, done.stderr
+    assert "pip install 'splitserve[build]'" in done.stderr
+    assert "Traceback" not in done.stderr
 
 
 def test_search_rounds_rerank_and_trim_to_the_needed_layers():
@@ -318,3 +445,47 @@ def test_gate_accepts_non_finite_values_only_where_fp32_has_them():
     assert output_error(ref, np.array([0.0, -np.inf, 1.0, 2.01])).finite
     assert not output_error(ref, np.array([0.0, 5.0, 1.0, 2.0])).finite
     assert not output_error(ref, np.array([np.inf, -np.inf, 1.0, 2.0])).finite
+
+
+def test_a_model_with_external_weights_builds_and_its_weights_are_in_the_key(
+    models, cache, tmp_path
+):
+    """Exporters write large weights beside the graph (model.onnx.data)."""
+    path = tmp_path / "cnn.onnx"
+    model = onnx.load(models["cnn"])
+    onnx.save(model, path, save_as_external_data=True, location="cnn.onnx.data", size_threshold=0)
+    assert (tmp_path / "cnn.onnx.data").exists()
+    spec = BuildSpec(path, "fp16", calibration=models["cnn_inputs"])
+    first = build(spec)
+    assert first.report["gate"]["passed"] and build(spec).reused
+    model = onnx.load(models["cnn"])
+    for init in model.graph.initializer:  # new weights, same graph
+        if init.name == "fc":
+            values = onnx.numpy_helper.to_array(init) * 2
+            init.CopyFrom(onnx.numpy_helper.from_array(values, "fc"))
+    onnx.save(model, path, save_as_external_data=True, location="cnn.onnx.data", size_threshold=0)
+    again = build(spec)
+    assert not again.reused and again.directory != first.directory
+
+
+def test_the_vision_classifier_exported_by_torch_builds_at_fp16(cache, tmp_path):
+    """examples/vision's network (its small variant) as a user exports it: torch's ONNX
+    exporter, weights in an external file, then `splitserve build --precision fp16`."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("onnxscript")
+    from examples.vision.model import tiny_resnet
+
+    path = tmp_path / "classifier.onnx"
+    torch.onnx.export(
+        tiny_resnet().eval(),
+        (torch.randn(1, 3, 64, 64),),
+        str(path),
+        input_names=["images"],
+        output_names=["logits"],
+        dynamic_shapes={"x": {0: torch.export.Dim("batch", max=64)}},
+    )
+    inputs = tmp_path / "inputs"
+    write_batches(inputs, (3, 64, 64), 4, seed=6)
+    done = _cli(str(path), "--precision", "fp16", "--calibration", str(inputs), env_cache=cache)
+    assert done.returncode == 0, done.stderr
+    assert "gate: passed" in done.stdout

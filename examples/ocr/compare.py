@@ -109,3 +109,54 @@ def match_truth(texts: Iterable[str], truth: Mapping[str, Any]) -> dict[str, Any
         "rotated": rotated,
         "rotated_read": rotated_read,
     }
+
+
+# --- character error rate ----------------------------------------------------------------
+
+
+def edit_distance(a: str, b: str) -> int:
+    """Levenshtein distance: the fewest character insertions, deletions and substitutions
+    that turn ``a`` into ``b``.
+
+    A two-row dynamic programme, O(len(a) * len(b)) after the common prefix and suffix
+    are set aside (two builds of one model mostly read alike, so that is most of it);
+    written here rather than taken from a library because this is all OCR needs.
+    """
+    start = 0
+    while start < len(a) and start < len(b) and a[start] == b[start]:
+        start += 1
+    end_a, end_b = len(a), len(b)
+    while end_a > start and end_b > start and a[end_a - 1] == b[end_b - 1]:
+        end_a, end_b = end_a - 1, end_b - 1
+    a, b = a[start:end_a], b[start:end_b]
+    if len(a) < len(b):
+        a, b = b, a
+    previous = list(range(len(b) + 1))
+    for i, char_a in enumerate(a, 1):
+        current = [i]
+        for j, char_b in enumerate(b, 1):
+            current.append(
+                min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (char_a != char_b))
+            )
+        previous = current
+    return previous[-1]
+
+
+def document_text(lines: Iterable[str]) -> str:
+    """A page's text: its lines in reading order, joined by newlines (so a line lost or
+    split costs its characters, and a line break one)."""
+    return "\n".join(lines)
+
+
+def character_errors(reference: Iterable[str], candidate: Iterable[str]) -> tuple[int, int]:
+    """(edit distance between the two pages' texts, characters of the reference's): summed
+    over pages, errors / characters is the character error rate (CER)."""
+    ref, new = document_text(reference), document_text(candidate)
+    return edit_distance(ref, new), len(ref)
+
+
+def truth_lines(truth: Mapping[str, Any]) -> list[str]:
+    """The ground truth's lines (``make_images.load_truth``) in reading order: top to
+    bottom, then left to right, as the service orders its results."""
+    lines = sorted(truth["lines"], key=lambda line: (line["box"][1], line["box"][0]))
+    return [line["text"] for line in lines]

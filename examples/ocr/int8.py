@@ -2,9 +2,9 @@
 
 Two declarations of the same pipeline, differing only in what the accuracy gate asks:
 
-- ``OCRInt8``: det and rec at int8 with ``keep_fp32=("auto",)`` and the default gate: at
-  least 98% of held-out text lines must read exactly as with fp32 engines. The search
-  keeps in fp32 whatever layers that takes.
+- ``OCRInt8``: det and rec at int8 with ``keep_fp32=("auto",)`` and the default gate: on
+  held-out pages, at least 98% character agreement with fp32 engines (1 - the character
+  error rate against fp32's text). The search keeps in fp32 whatever layers that takes.
 - ``OCRInt8Ungated``: every convolution and matrix product in int8, nothing kept, the
   gate only recording what it measures (tolerance and agreement set to accept
   anything); ``OCRInt8AllUngated``: the same with every layer int8 that can be
@@ -35,7 +35,7 @@ def _int8(model: Model, **gate: object) -> Model:
 
 
 class OCRInt8(OCRService):
-    """int8 det + rec, gated: >= 98% of text lines equal to fp32's, fp32 layers searched."""
+    """int8 det + rec, gated: >= 98% character agreement with fp32, fp32 layers searched."""
 
     name = "ocr-int8"
     models = {

@@ -8,18 +8,15 @@ from the runtime and the protocol so that both, and the load generator, use it.
 from __future__ import annotations
 
 import math
-import mimetypes
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import msgspec
 import numpy as np
 
 from splitserve.errors import error_status_and_kind
+from splitserve.media import JSON, OCTET_STREAM
 
-JSON = "application/json"
-OCTET_STREAM = "application/octet-stream"
 # Where a request's time went, per stage (ms), answered with every reply.
 TIMINGS_HEADER = "X-Splitserve-Timings"
 
@@ -66,14 +63,3 @@ def result_reply(result: Any) -> Reply:
     if isinstance(result, bytes | bytearray | memoryview):
         return Reply(200, OCTET_STREAM, bytes(result))
     return Reply(200, JSON, _json_encoder.encode(result))
-
-
-def guess_content_type(path: Path) -> str:
-    """The content type a file is sent with, from its extension (octet-stream if unknown).
-
-    The load generator sends files with it, and ``splitserve build`` runs calibration
-    requests with it, so both present a file to a service alike.
-    """
-    if path.suffix.lower() == ".json":
-        return JSON
-    return mimetypes.guess_type(path.name)[0] or OCTET_STREAM

@@ -367,9 +367,9 @@ class Service:
         """How much of ``candidate``'s answer matches ``reference``'s, as (matching, total).
 
         Both are one request's decoded answers, from fp32 engines and from a lower
-        precision build; ``splitserve build`` gates on the summed ratio (for OCR: text
-        lines whose text is equal). ``None``: the service has no such check, and the
-        build gates on the models' output errors only.
+        precision build; ``splitserve build`` gates on the summed ratio (for OCR:
+        1 - the character error rate against fp32's text). ``None``: the service has no
+        such check, and the build gates on the models' output errors only.
         """
         return None
 

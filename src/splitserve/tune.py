@@ -235,8 +235,7 @@ class Runner:
             return Trial(candidate, failure=f"load failed: {type(exc).__name__}: {exc}")
         finally:
             stop_server(proc)
-        failed = sum(result.errors.values())
-        return Trial(candidate, result.rps, result.p99_ms, failed / max(1, result.requests))
+        return Trial(candidate, result.rps, result.p99_ms, result.error_fraction)
 
 
 def tune(args: argparse.Namespace, runner: Runner, services: Services) -> list[Trial]:

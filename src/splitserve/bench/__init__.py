@@ -1,8 +1,8 @@
 """``splitserve bench``: a load generator for HTTP model servers (closed and open loop),
 which also reads a splitserve server's ``/v1/stats``.
 
-- ``loadgen``: the load loops and their ``Result``;
-- ``bodies``: request bodies from a directory, a JSON file, a file or a literal;
+- ``loadgen``: ``load`` (one level, closed or open loop) and its ``Result``;
+- ``bodies``: request bodies from a folder's images, a JSON file, a file or a literal;
 - ``server_stats``: ``/v1/stats`` snapshots and their deltas over a window;
 - ``report``: progress bar, tables, JSON, plot;
 - ``servers``: start/stop ``splitserve serve`` and the trivial server by pid;
@@ -18,11 +18,13 @@ from typing import Any
 # should not pay for the load loops' imports.
 _LAZY = {
     "Payload": "splitserve.bench.bodies",
+    "ClosedLoop": "splitserve.bench.loadgen",
+    "OpenLoop": "splitserve.bench.loadgen",
     "Result": "splitserve.bench.loadgen",
-    "closed_loop": "splitserve.bench.loadgen",
-    "open_loop": "splitserve.bench.loadgen",
+    "load": "splitserve.bench.loadgen",
     "parse_timings": "splitserve.bench.loadgen",
     "run_closed_loop": "splitserve.bench.loadgen",
+    "run_load": "splitserve.bench.loadgen",
     "run_open_loop": "splitserve.bench.loadgen",
 }
 

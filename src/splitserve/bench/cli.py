@@ -15,10 +15,11 @@ from typing import Any
 DESCRIPTION = """\
 Load generator for HTTP model servers, in the spirit of Triton's perf_analyzer.
 Closed loop (--concurrency N ..., a sweep) or open loop (--rate R ..., Poisson arrivals);
-per level: requests/s, p50/p90/p99/max latency, errors by status or exception, and the
-client's own CPU per request. Against a splitserve server it also reads GET /v1/stats
-before and after each measured window: per-stage mean times, mean batch size per model,
-engine busy fraction, and whether a model runs on a SIMULATED accelerator."""
+per level: successful requests/s, p50/p90/p99/max latency, errors by status or exception
+(with their own latency), and the client's own CPU per request. Against a splitserve
+server it also reads GET /v1/stats before and after each measured window: per-stage mean
+times, mean batch size per model, engine and model busy fractions, and whether a model
+runs on a SIMULATED accelerator."""
 
 EPILOG = """\
 examples:
@@ -28,9 +29,12 @@ examples:
       --rate 50 100 200 --max-inflight 64
   splitserve bench --selftest        # this client's own ceiling, against a trivial server
 
-Throughput counts the answers that complete inside the measured window (after
---warmup); latency percentiles are over the 2xx answers. In the open loop latency runs
-from the scheduled arrival, and arrivals beyond --max-inflight are dropped and counted."""
+Throughput (req/s) counts the successful (2xx) answers that complete inside the
+measured window (after --warmup), and latency percentiles are theirs; failed requests
+are counted beside them (errors, err %, their own p50/p99), and the report warns loudly
+when more than 2% failed. In the open loop latency runs from the scheduled arrival, and
+arrivals beyond --max-inflight are dropped and counted. The exit status is 1 when no
+level got a single successful answer."""
 
 
 HELP = "load-test an HTTP server (closed or open loop) and report"
@@ -82,7 +86,11 @@ def configure(p: argparse.ArgumentParser) -> None:
     body = p.add_argument_group("request bodies (one of; default: empty)")
     src = body.add_mutually_exclusive_group()
     src.add_argument(
-        "--body-dir", type=Path, metavar="DIR", help="every file under DIR, round-robin"
+        "--body-dir",
+        type=Path,
+        metavar="DIR",
+        help="the images under DIR (recognised by their first bytes), round-robin; "
+        "other files (an image's ground-truth .json...) are skipped and counted",
     )
     src.add_argument(
         "--json-body",
@@ -94,6 +102,12 @@ def configure(p: argparse.ArgumentParser) -> None:
         "--data", metavar="@FILE|TEXT", help="as curl: @FILE sends the file, else the text"
     )
     src.add_argument("--body-bytes", type=int, metavar="N", help="N zero bytes")
+    body.add_argument(
+        "--body-glob",
+        metavar="PATTERN",
+        help="with --body-dir: send the files matching PATTERN (e.g. '*.json', "
+        "'**/*.bin') instead of the images",
+    )
     body.add_argument(
         "--content-type",
         help="the bodies' content type (default: guessed from each file's extension, "
@@ -138,8 +152,13 @@ def configure(p: argparse.ArgumentParser) -> None:
 def load_bodies(args: argparse.Namespace) -> list[Any]:
     from splitserve.bench import bodies
 
+    if args.body_glob is not None and args.body_dir is None:
+        raise ValueError("--body-glob selects files of --body-dir: name the folder too")
     if args.body_dir is not None:
-        return bodies.from_dir(args.body_dir, args.content_type)
+        chosen = bodies.select_files(args.body_dir, args.body_glob)
+        if chosen.skipped:
+            print(f"splitserve bench: {chosen.describe()}", file=sys.stderr)
+        return bodies.from_files(chosen.files, args.content_type)
     if args.json_body is not None:
         return bodies.from_json(args.json_body, args.content_type)
     if args.data is not None:
@@ -160,7 +179,7 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
         print("splitserve bench: a URL is needed (or --selftest)", file=sys.stderr)
         return 2
     from splitserve.bench import report, server_stats
-    from splitserve.bench.loadgen import run_closed_loop, run_open_loop
+    from splitserve.bench.loadgen import ClosedLoop, OpenLoop, run_load
 
     if args.plot and importlib.util.find_spec("matplotlib") is None:  # fail before the load
         print(
@@ -180,48 +199,35 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
         url = server_stats.stats_url(args.url)
         if server_stats.fetch(url) is not None:
             fetch = lambda: server_stats.fetch(url)  # noqa: E731
-    levels: list[tuple[str, float]] = (
-        [("open", r) for r in args.rate]
-        if args.rate
-        else [("closed", c) for c in (args.concurrency or [1])]
-    )
+    try:
+        levels: list[OpenLoop] | list[ClosedLoop] = (
+            [OpenLoop(rate, args.max_inflight, args.seed) for rate in args.rate]
+            if args.rate
+            else [ClosedLoop(c) for c in (args.concurrency or [1])]
+        )
+    except ValueError as exc:
+        print(f"splitserve bench: {exc}", file=sys.stderr)
+        return 2
     results = []
-    for mode, level in levels:
-        label = f"{level:g}/s" if mode == "open" else f"c={int(level)}"
-        bar = report.BarProgress(label, warmup + duration, False if args.no_progress else None)
-        common: dict[str, Any] = {
-            "method": args.method,
-            "timeout_s": args.timeout,
-            "stats": fetch,
-            "progress": bar,
-        }
+    for arrivals in levels:
+        bar = report.BarProgress(
+            arrivals.label, warmup + duration, False if args.no_progress else None
+        )
         try:
-            if mode == "open":
-                result = run_open_loop(
-                    args.url,
-                    payloads,
-                    "",
-                    level,
-                    duration,
-                    warmup,
-                    args.max_requests,
-                    args.max_inflight,
-                    args.client,
-                    seed=args.seed,
-                    **common,
-                )
-            else:
-                result = run_closed_loop(
-                    args.url,
-                    payloads,
-                    "",
-                    int(level),
-                    duration,
-                    warmup,
-                    args.max_requests,
-                    args.client,
-                    **common,
-                )
+            result = run_load(
+                args.url,
+                payloads,
+                "",
+                arrivals,
+                duration,
+                warmup,
+                args.max_requests,
+                args.client,
+                method=args.method,
+                timeout_s=args.timeout,
+                stats=fetch,
+                progress=bar,
+            )
         except (ValueError, RuntimeError) as exc:
             bar.close()
             print(f"splitserve bench: {exc}", file=sys.stderr)
@@ -247,7 +253,7 @@ def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
         except RuntimeError as exc:
             print(f"splitserve bench: {exc}", file=sys.stderr)
             return 2
-    return 0 if any(r.requests for r in results) else 1
+    return 0 if any(r.ok for r in results) else 1  # 1: not one successful answer
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,12 +1,18 @@
-"""Closed- and open-loop HTTP load loops: the measuring core of ``splitserve bench``.
+"""Closed- and open-loop HTTP load: the measuring core of ``splitserve bench``.
 
-Closed loop: ``concurrency`` clients, each on its own keep-alive connection, send a
-request, wait for the answer, send the next. Open loop: requests arrive at ``rate`` per
-second with exponential gaps (a Poisson process), each on an idle connection of a pool;
-at most ``max_inflight`` are in flight, and an arrival beyond that is dropped and
-counted (an unbounded client queue would measure the client, not the server). Open-loop
-latency runs from the scheduled arrival, so a client that falls behind shows up in the
-numbers (and in ``lag_p99_ms``) instead of hiding the server's queueing.
+One function, ``load``, runs a level and measures it; ``ClosedLoop`` and ``OpenLoop``
+only decide when each request leaves. Closed loop: ``concurrency`` clients, each on its
+own keep-alive connection, send a request, wait for the answer, send the next. Open
+loop: requests arrive at ``rate`` per second with exponential gaps (a Poisson process),
+each on an idle connection of a pool; at most ``max_inflight`` are in flight, and an
+arrival beyond that is dropped and counted (an unbounded client queue would measure the
+client, not the server). Open-loop latency runs from the scheduled arrival, so a client
+that falls behind shows up in the numbers (and in ``lag_p99_ms``) instead of hiding the
+server's queueing.
+
+The headline throughput counts successful (2xx) answers only, and latency percentiles
+are the successes'; failed requests are counted beside them with their own latency, so
+a server answering errors in a millisecond cannot pass for a fast one.
 
 The client shares the cores with the server, so each request costs it as little as
 possible: the ``raw`` client writes pre-built request bytes on an asyncio protocol and
@@ -23,13 +29,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import random
 import resource
 import statistics
 import time
 import urllib.parse
 from collections import Counter
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, Protocol
 
@@ -40,23 +47,31 @@ from splitserve.replies import TIMINGS_HEADER
 REQUEST_TIMEOUT_S = 30.0
 CLIENTS = ("raw", "aiohttp")
 PROGRESS_INTERVAL_S = 0.25
+# Above this share of failed requests a level's report carries a loud warning: its
+# throughput and latency describe a few successes, not the server's normal work.
+ERROR_WARN_FRACTION = 0.02
 
 StatsFetch = Callable[[], dict[str, Any] | None]
 
 
 @dataclass
 class Result:
-    """What one load level measured (latencies in ms)."""
+    """What one load level measured (latencies in ms).
+
+    The headline is ``rps``: successful (2xx) answers per second. A server that answers
+    errors fast would otherwise look fast: errors are counted beside it (``failed``,
+    ``error_fraction``), and their latency is kept apart from the successes'.
+    """
 
     url: str
     concurrency: int  # closed loop: clients; open loop: the max_inflight bound
     client: str
-    requests: int  # answered in the measured window (any status)
+    requests: int  # answered in the measured window (any HTTP status)
     warmup_requests: int  # sent during the warm-up (not measured)
     ok: int  # answered 2xx
     duration_s: float  # the measured window
-    rps: float  # completions inside the measured window / its length
-    p50_ms: float
+    rps: float  # 2xx answers completed inside the measured window / its length
+    p50_ms: float  # p50 ... mean: over the 2xx answers only (nan when there were none)
     p90_ms: float
     p99_ms: float
     max_ms: float
@@ -72,6 +87,11 @@ class Result:
     lag_p99_ms: float | None = None  # open loop: send time - scheduled arrival, p99
     statuses: dict[str, int] = field(default_factory=dict)  # every status, 2xx included
     server: dict[str, Any] | None = None  # /v1/stats deltas over the window (splitserve)
+    answered_rps: float = 0.0  # every completion inside the window (errors too) / its length
+    failed: int = 0  # measured requests without a 2xx answer (error statuses, exceptions)
+    error_fraction: float = 0.0  # failed / (ok + failed)
+    error_p50_ms: float = float("nan")  # latency of the failed requests
+    error_p99_ms: float = float("nan")
     # Per answered request of the measured window: (latency ms, status, raw timings
     # header); not in to_dict().
     samples: list[tuple[float, int, str]] = field(default_factory=list, repr=False)
@@ -86,14 +106,18 @@ class Result:
             return f"{self.rate:g}/s"
         return f"c={self.concurrency}"
 
+    @property
+    def too_many_errors(self) -> bool:
+        """More failures than ``ERROR_WARN_FRACTION``: the level's numbers need a warning."""
+        return self.error_fraction > ERROR_WARN_FRACTION
+
     def parsed_samples(self) -> list[tuple[float, dict[str, float]]]:
         """(latency ms, timings) of the 2xx answers."""
-        return [(lat, parse_timings(raw)) for lat, st, raw in self.samples if 200 <= st < 300]
+        return [(lat, parse_timings(raw)) for lat, st, raw in self.samples if _ok(st)]
 
-    def median_of(self, fn: Any) -> float:
-        """Median over the answered requests of ``fn(latency_ms, timings)`` (None skipped)."""
-        values = [v for lat, t in self.parsed_samples() if (v := fn(lat, t)) is not None]
-        return statistics.median(values) if values else float("nan")
+
+def _ok(status: int) -> bool:
+    return 200 <= status < 300
 
 
 def parse_timings(raw: str) -> dict[str, float]:
@@ -370,8 +394,17 @@ def _client_factory(
 # --- the measured window ----------------------------------------------------------------
 
 
+class Phase(enum.Enum):
+    """Where a request starting at some time falls."""
+
+    WARMUP = "warm-up"  # sent, not measured
+    MEASURED = "measured"
+    HOLD = "hold"  # the warm-up's count is spent: wait for the measured window
+    STOP = "stop"  # past the window, or its count is spent
+
+
 class _Window:
-    """Bookkeeping both loops share: what is measured and what completed when."""
+    """The bookkeeping of one level: what is measured and what completed when."""
 
     def __init__(self, warmup_s: float, duration_s: float, max_requests: int) -> None:
         self.start = time.perf_counter()
@@ -380,51 +413,92 @@ class _Window:
         self.max_requests = max_requests
         self.window_end = self.measure_from
         self.samples: list[tuple[float, int, str]] = []
+        self.failed_ms: list[float] = []  # latency of the measured requests without a 2xx
         self.errors: Counter[str] = Counter()
-        # Completion times inside the measured window, whenever the request started: the
-        # throughput counts these, so requests sent during the warm-up that finish in the
-        # window are not lost (they would bias requests/s down when latency is long).
-        self.completions: list[float] = []
+        # Completion times inside the measured window, whenever the request started, and
+        # whether it succeeded: the throughput counts these, so requests sent during the
+        # warm-up that finish in the window are not lost (they would bias requests/s down
+        # when latency is long).
+        self.completions: list[tuple[float, bool]] = []
         self.issued = 0  # measured requests sent
         self.warmup_sent = 0
+        self.lags: list[float] = []  # open loop: send time - scheduled arrival (s)
         self.cpu_at_measure: float | None = None
         self.cpu_end = 0.0
         self.answered_all = 0  # warm-up included: for the progress bar
         self.errors_all = 0
         self.finished = asyncio.Event()
 
+    def phase(self, t: float) -> Phase:
+        """Where a request starting at ``t`` falls (counts bound both the warm-up and
+        the window); the first measured one notes the client's CPU time."""
+        if t >= self.stop_at:
+            return Phase.STOP
+        if t >= self.measure_from:
+            if self.cpu_at_measure is None:
+                self.cpu_at_measure = _cpu_s()
+            return Phase.STOP if self.issued >= self.max_requests else Phase.MEASURED
+        return Phase.HOLD if self.warmup_sent >= self.max_requests else Phase.WARMUP
+
+    def count_sent(self, measured: bool) -> None:
+        if measured:
+            self.issued += 1
+        else:
+            self.warmup_sent += 1
+
+    async def send(
+        self, conn: _Client, index: int, t0: float, measured: bool, lagged: bool = False
+    ) -> None:
+        """One request on ``conn``, its latency from ``t0``; a failure is counted, never
+        raised. ``lagged``: ``t0`` is a scheduled arrival, and how late the request left
+        is recorded too."""
+        if lagged and measured:
+            self.lags.append(time.perf_counter() - t0)
+        try:
+            status, raw = await conn.request(index)
+            exc = None
+        except Exception as e:  # any failure of one request is counted, not fatal
+            status, raw, exc = -1, "", type(e).__name__
+        self.record(t0, time.perf_counter(), measured, status, raw, exc)
+
     def record(
         self, t0: float, t1: float, measured: bool, status: int, raw: str, exc: str | None
     ) -> None:
+        ok = exc is None and _ok(status)
         if self.measure_from <= t1 <= self.stop_at:
-            self.completions.append(t1)
+            self.completions.append((t1, ok))
         if exc is None:
             self.answered_all += 1
-            if not 200 <= status < 300:
-                self.errors_all += 1
-        else:
+        if not ok:
             self.errors_all += 1
         if not measured:
             return
+        latency_ms = (t1 - t0) * 1000.0
         if exc is not None:
             self.errors[exc] += 1
         else:
-            self.samples.append(((t1 - t0) * 1000.0, status, raw))
-            if not 200 <= status < 300:
+            self.samples.append((latency_ms, status, raw))
+            if not ok:
                 self.errors[str(status)] += 1
+        if not ok:
+            self.failed_ms.append(latency_ms)
         if t1 > self.window_end:
             self.window_end = t1
 
-    def result(self, url: str, concurrency: int, client: str, **extra: Any) -> Result:
+    def result(self, url: str, client: str, **extra: Any) -> Result:
+        """The level's numbers; ``extra``: what the sending side knows (mode, concurrency,
+        open-loop counts)."""
         samples = self.samples
         answered = len(samples)
-        ok_samples = [(lat, raw) for lat, status, raw in samples if 200 <= status < 300]
+        ok_samples = [(lat, raw) for lat, status, raw in samples if _ok(status)]
         window = max(self.window_end - self.measure_from, 1e-9)
         # Throughput window: to stop_at, or to the last answer when max_requests ended it.
         rate_end = min(self.stop_at, self.window_end)
-        done = sum(1 for t in self.completions if t <= rate_end)
-        # Latency percentiles are over the 2xx answers (over all answers when none was 2xx).
-        lat_ok = sorted(lat for lat, _ in ok_samples) or sorted(lat for lat, _, _ in samples)
+        rate_window = max(rate_end - self.measure_from, 1e-9)
+        done = [ok for t, ok in self.completions if t <= rate_end]
+        lat_ok = sorted(lat for lat, _ in ok_samples)
+        lat_failed = sorted(self.failed_ms)
+        failed = len(lat_failed)
         fields_: dict[str, list[float]] = {}
         for _, raw in ok_samples:
             for k, v in parse_timings(raw).items():
@@ -433,13 +507,12 @@ class _Window:
         cpu_used = self.cpu_end - cpu_from
         return Result(
             url=url,
-            concurrency=concurrency,
             client=client,
             requests=answered,
             warmup_requests=self.warmup_sent,
             ok=len(ok_samples),
             duration_s=window,
-            rps=done / max(rate_end - self.measure_from, 1e-9),
+            rps=sum(done) / rate_window,
             p50_ms=percentile(lat_ok, 50),
             p90_ms=percentile(lat_ok, 90),
             p99_ms=percentile(lat_ok, 99),
@@ -449,6 +522,12 @@ class _Window:
             timings_ms={k: statistics.median(v) for k, v in sorted(fields_.items())},
             client_cpu_ms_per_req=cpu_used * 1000.0 / answered if answered else float("nan"),
             statuses=dict(sorted(Counter(str(s) for _, s, _ in samples).items())),
+            answered_rps=len(done) / rate_window,
+            failed=failed,
+            error_fraction=failed / (len(ok_samples) + failed) if failed else 0.0,
+            error_p50_ms=percentile(lat_failed, 50),
+            error_p99_ms=percentile(lat_failed, 99),
+            lag_p99_ms=percentile(sorted(self.lags), 99) * 1000.0 if self.lags else None,
             samples=samples,
             **extra,
         )
@@ -473,19 +552,170 @@ async def _probe(
     return before, after
 
 
-async def _run(
-    win: _Window,
-    body: Coroutine[Any, Any, None],
-    progress: Progress | None,
-    stats: StatsFetch | None,
-) -> dict[str, Any] | None:
-    """Run a loop's body with its progress ticker and its statistics probe; the server
-    statistics' deltas over the window (None when not asked or not available)."""
+# --- the two ways of sending: closed and open loop -------------------------------------
+
+MakeClient = Callable[[], _Client]
+
+
+@dataclass(frozen=True)
+class ClosedLoop:
+    """``concurrency`` clients, each on its own keep-alive connection, each sending its
+    next request when the last one is answered."""
+
+    concurrency: int
+
+    def __post_init__(self) -> None:
+        if self.concurrency < 1:
+            raise ValueError("need concurrency >= 1")
+
+    @property
+    def label(self) -> str:
+        return f"c={self.concurrency}"
+
+    async def drive(self, win: _Window, make: MakeClient, n_bodies: int) -> dict[str, Any]:
+        clients = [make() for _ in range(self.concurrency)]
+
+        async def run_client(first: int, conn: _Client) -> None:
+            index = first
+            while True:
+                now = time.perf_counter()
+                phase = win.phase(now)
+                if phase is Phase.STOP:
+                    return
+                if phase is Phase.HOLD:
+                    await asyncio.sleep(win.measure_from - now)
+                    continue
+                win.count_sent(phase is Phase.MEASURED)
+                await win.send(conn, index % n_bodies, now, phase is Phase.MEASURED)
+                index += self.concurrency
+
+        try:
+            await asyncio.gather(*(run_client(k, c) for k, c in enumerate(clients)))
+        finally:
+            await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
+        return {
+            "mode": "closed",
+            "concurrency": self.concurrency,
+            "peak_inflight": self.concurrency,
+        }
+
+
+@dataclass(frozen=True)
+class OpenLoop:
+    """Poisson arrivals at ``rate`` per second, each sent on an idle connection of a
+    pool; with ``max_inflight`` in flight, an arrival is dropped and counted (an
+    unbounded client queue would measure the client). Latency runs from the scheduled
+    arrival, so a client that falls behind shows in the numbers (and in the lag)."""
+
+    rate: float
+    max_inflight: int = 64
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.rate <= 0 or self.max_inflight < 1:
+            raise ValueError("need rate > 0 and max_inflight >= 1")
+
+    @property
+    def label(self) -> str:
+        return f"{self.rate:g}/s"
+
+    async def drive(self, win: _Window, make: MakeClient, n_bodies: int) -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        rng = random.Random(self.seed)
+        idle: list[_Client] = []
+        conns: list[_Client] = []
+        tasks: set[asyncio.Task[None]] = set()
+        arrivals = dropped = sent = peak = 0
+        arrival_end = win.stop_at
+
+        async def one(conn: _Client, index: int, scheduled: float, measured: bool) -> None:
+            try:
+                await win.send(conn, index, scheduled, measured, lagged=True)
+            finally:
+                idle.append(conn)
+
+        scheduled = win.start
+        try:
+            while scheduled < win.stop_at:
+                await asyncio.sleep(scheduled - time.perf_counter())  # at once when late
+                phase = win.phase(scheduled)
+                if phase is Phase.STOP:  # the window's count is spent
+                    arrival_end = scheduled
+                    break
+                if phase is Phase.HOLD:
+                    scheduled = win.measure_from
+                    continue
+                measured = phase is Phase.MEASURED
+                arrivals += measured
+                if len(tasks) >= self.max_inflight:
+                    dropped += measured
+                else:
+                    win.count_sent(measured)
+                    if idle:
+                        conn = idle.pop()
+                    else:
+                        conn = make()
+                        conns.append(conn)
+                    task = loop.create_task(one(conn, sent % n_bodies, scheduled, measured))
+                    sent += 1
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                    peak = max(peak, len(tasks))
+                scheduled += rng.expovariate(self.rate)
+            if tasks:
+                await asyncio.gather(*list(tasks))
+        finally:
+            for task in list(tasks):
+                task.cancel()
+            await asyncio.gather(*(c.close() for c in conns), return_exceptions=True)
+        window = max(arrival_end - win.measure_from, 1e-9)
+        return {
+            "mode": "open",
+            "concurrency": self.max_inflight,  # the bound on requests in flight
+            "rate": self.rate,
+            "offered_rps": arrivals / window,
+            "dropped": dropped,
+            "peak_inflight": peak,
+        }
+
+
+Arrivals = ClosedLoop | OpenLoop
+
+
+async def load(
+    url: str,
+    bodies: Sequence[bytes | Payload],
+    content_type: str,
+    arrivals: Arrivals,
+    duration_s: float,
+    warmup_s: float,
+    max_requests: int,
+    client: str = "raw",
+    *,
+    method: str = "POST",
+    timeout_s: float = REQUEST_TIMEOUT_S,
+    stats: StatsFetch | None = None,
+    progress: Progress | None = None,
+) -> Result:
+    """One load level: ``arrivals`` for ``warmup_s`` + ``duration_s`` (or ``max_requests``).
+
+    Requests that start during the warm-up are not measured; the measured window runs
+    from the end of the warm-up until ``duration_s`` later or until ``max_requests``
+    measured requests have been sent, whichever comes first; then the requests in flight
+    are awaited (each bounded by ``timeout_s``). Bodies are used round-robin (plain bytes
+    are sent with ``content_type``). ``client``: ``raw`` or ``aiohttp``. ``stats``: a
+    fetcher of the server's ``/v1/stats``, read at both edges of the window.
+    """
+    if not bodies or max_requests < 1:
+        raise ValueError("need at least one body and max_requests >= 1")
+    payloads = as_payloads(bodies, content_type)
+    make = _client_factory(url, payloads, client, method, timeout_s)
+    win = _Window(warmup_s, duration_s, max_requests)
     ticker = asyncio.create_task(_tick(win, progress)) if progress is not None else None
     probe = asyncio.create_task(_probe(win, stats)) if stats is not None else None
     ok = False
     try:
-        await body
+        extra = await arrivals.drive(win, make, len(payloads))
         win.cpu_end = _cpu_s()
         ok = True
     finally:
@@ -494,209 +724,16 @@ async def _run(
             ticker.cancel()
             progress.update(time.perf_counter() - win.start, win.answered_all, win.errors_all)
         if probe is not None and not ok:
-            probe.cancel()  # the body failed: do not wait for the window's end
-    if probe is None:
-        return None
-    before, after = await probe
-    return server_stats.delta(before, after)
+            probe.cancel()  # the loop failed: do not wait for the window's end
+    server = None
+    if probe is not None:
+        server = server_stats.delta(*await probe)
+    return win.result(url, client, server=server, **extra)
 
 
-# --- the loops --------------------------------------------------------------------------
-
-
-async def closed_loop(
-    url: str,
-    bodies: Sequence[bytes | Payload],
-    content_type: str,
-    concurrency: int,
-    duration_s: float,
-    warmup_s: float,
-    max_requests: int,
-    client: str = "aiohttp",
-    *,
-    method: str = "POST",
-    timeout_s: float = REQUEST_TIMEOUT_S,
-    stats: StatsFetch | None = None,
-    progress: Progress | None = None,
-) -> Result:
-    """Run ``concurrency`` clients for ``warmup_s`` + ``duration_s`` (or ``max_requests``).
-
-    Requests that start during the warm-up are not counted; the measured window runs
-    from the end of the warm-up until ``duration_s`` later or until ``max_requests``
-    measured requests have been sent, whichever comes first. Bodies are used round-robin
-    (plain bytes are sent with ``content_type``). ``client``: ``aiohttp`` (the default,
-    as the benchmarks in docs/benchmarks.md were measured with it) or ``raw``.
-    ``stats``: a fetcher of the server's ``/v1/stats``, read at both edges of the window.
-    """
-    if concurrency < 1 or not bodies or max_requests < 1:
-        raise ValueError("need concurrency >= 1, at least one body and max_requests >= 1")
-    payloads = as_payloads(bodies, content_type)
-    make = _client_factory(url, payloads, client, method, timeout_s)
-    win = _Window(warmup_s, duration_s, max_requests)
-    clients = [make() for _ in range(concurrency)]
-    n_bodies = len(payloads)
-
-    async def run_client(index: int, conn: _Client) -> None:
-        i = index
-        while True:
-            now = time.perf_counter()
-            if now >= win.stop_at:
-                return
-            measured = now >= win.measure_from
-            if measured:
-                if win.cpu_at_measure is None:
-                    win.cpu_at_measure = _cpu_s()
-                if win.issued >= max_requests:
-                    return
-                win.issued += 1
-            else:
-                if win.warmup_sent >= max_requests:  # the warm-up is bounded in count too
-                    await asyncio.sleep(win.measure_from - now)
-                    continue
-                win.warmup_sent += 1
-            t0 = time.perf_counter()
-            try:
-                status, raw = await conn.request(i % n_bodies)
-                exc = None
-            except Exception as e:  # any failure of one request is counted, not fatal
-                status, raw, exc = -1, "", type(e).__name__
-            win.record(t0, time.perf_counter(), measured, status, raw, exc)
-            i += concurrency
-
-    async def body() -> None:
-        try:
-            await asyncio.gather(*(run_client(k, c) for k, c in enumerate(clients)))
-        finally:
-            await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
-
-    server = await _run(win, body(), progress, stats)
-    return win.result(url, concurrency, client, mode="closed", server=server)
-
-
-async def open_loop(
-    url: str,
-    bodies: Sequence[bytes | Payload],
-    content_type: str,
-    rate: float,
-    duration_s: float,
-    warmup_s: float,
-    max_requests: int,
-    max_inflight: int,
-    client: str = "raw",
-    *,
-    method: str = "POST",
-    timeout_s: float = REQUEST_TIMEOUT_S,
-    seed: int | None = None,
-    stats: StatsFetch | None = None,
-    progress: Progress | None = None,
-) -> Result:
-    """Poisson arrivals at ``rate`` req/s for ``warmup_s`` + ``duration_s``.
-
-    At most ``max_inflight`` requests are in flight (one connection each, reused); an
-    arrival beyond that is dropped and counted in ``dropped``. The measured window ends
-    at ``duration_s`` or when ``max_requests`` measured requests have been sent; then the
-    requests in flight are awaited (each bounded by ``timeout_s``). Latency is measured
-    from the scheduled arrival time.
-    """
-    if rate <= 0 or max_inflight < 1 or not bodies or max_requests < 1:
-        raise ValueError("need rate > 0, max_inflight >= 1, a body and max_requests >= 1")
-    payloads = as_payloads(bodies, content_type)
-    make = _client_factory(url, payloads, client, method, timeout_s)
-    win = _Window(warmup_s, duration_s, max_requests)
-    rng = random.Random(seed)
-    n_bodies = len(payloads)
-    idle: list[_Client] = []
-    conns: list[_Client] = []
-    tasks: set[asyncio.Task[None]] = set()
-    lags: list[float] = []
-    counts = {"inflight": 0, "peak": 0, "dropped": 0, "arrivals": 0, "sent": 0}
-    arrival_end = win.stop_at
-
-    async def one(conn: _Client, index: int, scheduled: float, measured: bool) -> None:
-        sent = time.perf_counter()
-        try:
-            status, raw = await conn.request(index)
-            exc = None
-        except Exception as e:  # any failure of one request is counted, not fatal
-            status, raw, exc = -1, "", type(e).__name__
-        t1 = time.perf_counter()
-        counts["inflight"] -= 1
-        idle.append(conn)
-        if measured:
-            lags.append(sent - scheduled)
-        win.record(scheduled, t1, measured, status, raw, exc)
-
-    async def body() -> None:
-        nonlocal arrival_end
-        loop = asyncio.get_running_loop()
-        next_t = win.start
-        try:
-            while True:
-                now = time.perf_counter()
-                while next_t <= now and next_t < win.stop_at:
-                    measured = next_t >= win.measure_from
-                    if measured:
-                        if win.cpu_at_measure is None:
-                            win.cpu_at_measure = _cpu_s()
-                        if win.issued >= max_requests:
-                            arrival_end = next_t
-                            next_t = win.stop_at  # ends the loop
-                            break
-                        counts["arrivals"] += 1
-                    elif win.warmup_sent >= max_requests:  # the warm-up is bounded in count
-                        next_t = win.measure_from
-                        continue
-                    if counts["inflight"] >= max_inflight:
-                        if measured:
-                            counts["dropped"] += 1
-                    else:
-                        if measured:
-                            win.issued += 1
-                        else:
-                            win.warmup_sent += 1
-                        if idle:
-                            conn = idle.pop()
-                        else:
-                            conn = make()
-                            conns.append(conn)
-                        counts["inflight"] += 1
-                        counts["peak"] = max(counts["peak"], counts["inflight"])
-                        task = loop.create_task(
-                            one(conn, counts["sent"] % n_bodies, next_t, measured)
-                        )
-                        counts["sent"] += 1
-                        tasks.add(task)
-                        task.add_done_callback(tasks.discard)
-                    next_t += rng.expovariate(rate)
-                if next_t >= win.stop_at:
-                    break
-                await asyncio.sleep(next_t - time.perf_counter())
-            if tasks:
-                await asyncio.gather(*list(tasks))
-        finally:
-            for task in list(tasks):
-                task.cancel()
-            await asyncio.gather(*(c.close() for c in conns), return_exceptions=True)
-
-    server = await _run(win, body(), progress, stats)
-    window = max(min(arrival_end, win.stop_at) - win.measure_from, 1e-9)
-    lags.sort()
-    return win.result(
-        url,
-        max_inflight,
-        client,
-        mode="open",
-        rate=rate,
-        offered_rps=counts["arrivals"] / window,
-        dropped=counts["dropped"],
-        peak_inflight=counts["peak"],
-        lag_p99_ms=percentile(lags, 99) * 1000.0 if lags else None,
-        server=server,
-    )
-
-
-def run(coro: Coroutine[Any, Any, Result]) -> Result:
-    """Run a loop on a fresh event loop (uvloop when installed: a cheaper client)."""
+def run_load(*args: Any, **kwargs: Any) -> Result:
+    """``load`` on a fresh event loop (uvloop when installed: a cheaper client)."""
+    coro = load(*args, **kwargs)
     try:
         import uvloop
     except ImportError:
@@ -713,22 +750,12 @@ def run_closed_loop(
     warmup_s: float,
     max_requests: int,
     client: str = "aiohttp",
-    **kwargs: Any,
+    **options: Any,
 ) -> Result:
-    """``closed_loop`` on a fresh event loop (uvloop when installed)."""
-    return run(
-        closed_loop(
-            url,
-            bodies,
-            content_type,
-            concurrency,
-            duration_s,
-            warmup_s,
-            max_requests,
-            client,
-            **kwargs,
-        )
-    )
+    """``run_load`` with ``ClosedLoop(concurrency)``, in the argument order of the scripts
+    in benchmarks/ (aiohttp by default: docs/benchmarks.md's numbers were measured with it)."""
+    window = (duration_s, warmup_s, max_requests)
+    return run_load(url, bodies, content_type, ClosedLoop(concurrency), *window, client, **options)
 
 
 def run_open_loop(
@@ -741,37 +768,32 @@ def run_open_loop(
     max_requests: int,
     max_inflight: int,
     client: str = "raw",
-    **kwargs: Any,
+    *,
+    seed: int | None = None,
+    **options: Any,
 ) -> Result:
-    """``open_loop`` on a fresh event loop (uvloop when installed)."""
-    return run(
-        open_loop(
-            url,
-            bodies,
-            content_type,
-            rate,
-            duration_s,
-            warmup_s,
-            max_requests,
-            max_inflight,
-            client,
-            **kwargs,
-        )
-    )
+    """``run_load`` with ``OpenLoop(rate, max_inflight, seed)``, in the scripts' order."""
+    arrivals = OpenLoop(rate, max_inflight, seed)
+    window = (duration_s, warmup_s, max_requests)
+    return run_load(url, bodies, content_type, arrivals, *window, client, **options)
 
 
 __all__ = [
     "CLIENTS",
+    "ERROR_WARN_FRACTION",
     "OCTET_STREAM",
     "REQUEST_TIMEOUT_S",
     "TIMINGS_HEADER",
+    "Arrivals",
+    "ClosedLoop",
+    "OpenLoop",
     "Payload",
     "Progress",
     "Result",
-    "closed_loop",
-    "open_loop",
+    "load",
     "parse_timings",
     "percentile",
     "run_closed_loop",
+    "run_load",
     "run_open_loop",
 ]

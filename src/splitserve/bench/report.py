@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-from splitserve.bench.loadgen import Result
+from splitserve.bench.loadgen import ERROR_WARN_FRACTION, Result
 
 STAGE_LABELS = {
     "front_queue": "front q",
@@ -25,9 +25,10 @@ STAGE_LABELS = {
 
 
 class BarProgress:
-    """A tqdm bar per level (elapsed seconds of warm-up + window), with answers, req/s and
-    errors. tqdm because it is small, well kept and draws on stderr only when it is a
-    terminal; the bar is updated a few times a second, never per request."""
+    """A tqdm bar per level (elapsed seconds of warm-up + window), with successful
+    answers, their rate and the errors. tqdm because it is small, well kept and draws on
+    stderr only when it is a terminal; the bar is updated a few times a second, never per
+    request."""
 
     def __init__(self, label: str, total_s: float, enabled: bool | None = None) -> None:
         from tqdm import tqdm
@@ -46,10 +47,11 @@ class BarProgress:
 
     def update(self, elapsed_s: float, answered: int, errors: int) -> None:
         t0, n0 = self.last
-        rps = (answered - n0) / (elapsed_s - t0) if elapsed_s > t0 else 0.0
-        self.last = (elapsed_s, answered)
+        ok = max(answered - errors, 0)
+        rps = (ok - n0) / (elapsed_s - t0) if elapsed_s > t0 else 0.0
+        self.last = (elapsed_s, ok)
         self.bar.n = round(min(elapsed_s, self.total_s), 2)
-        self.bar.set_postfix_str(f"{answered} answers, {rps:.0f} req/s, {errors} errors")
+        self.bar.set_postfix_str(f"{ok} ok, {rps:.0f} ok/s, {errors} errors")
 
     def close(self) -> None:
         self.bar.close()
@@ -100,23 +102,27 @@ def simulated_models(results: list[Result]) -> list[str]:
 
 
 def load_table(results: list[Result]) -> str:
-    """One row per level: throughput, latency percentiles, errors, the client's CPU."""
+    """One row per level: successful req/s and the errors beside it, the successes'
+    latency percentiles, the failures' own latency, the client's CPU."""
     open_loop = any(r.mode == "open" for r in results)
-    header = ["level", "req/s", "p50 ms", "p90 ms", "p99 ms", "max ms", "answered", "ok"]
+    header = ["level", "ok req/s", "err %", "p50 ms", "p90 ms", "p99 ms", "max ms", "ok"]
+    header += ["failed", "failed p50 ms"]
     if open_loop:
         header += ["offered/s", "dropped", "lag p99 ms"]
     header += ["client cpu ms/req", "errors"]
     rows = []
     for r in results:
         row = [
-            r.label,
+            r.label + (" !" if r.too_many_errors else ""),
             f"{r.rps:.1f}",
+            f"{r.error_fraction * 100:.1f}",
             _ms(r.p50_ms),
             _ms(r.p90_ms),
             _ms(r.p99_ms),
             _ms(r.max_ms),
-            str(r.requests),
             str(r.ok),
+            str(r.failed),
+            _ms(r.error_p50_ms),
         ]
         if open_loop:
             offered = f"{r.offered_rps:.1f}" if r.offered_rps is not None else "-"
@@ -127,9 +133,39 @@ def load_table(results: list[Result]) -> str:
     return _table(header, rows)
 
 
+def errors_banner(results: list[Result]) -> str | None:
+    """A loud warning for the levels where more than ``ERROR_WARN_FRACTION`` failed: their
+    req/s and latency describe the few successes only (None when no level did)."""
+    bad = [r for r in results if r.too_many_errors]
+    if not bad:
+        return None
+    line = "!" * 78
+    rows = [
+        f"!!! {r.label}: {r.failed} of {r.ok + r.failed} requests failed "
+        f"({r.error_fraction:.1%}; {_errors(r.errors)}); {r.ok} succeeded"
+        for r in bad
+    ]
+    return "\n".join(
+        [
+            line,
+            f"!!! ERRORS: more than {ERROR_WARN_FRACTION:.0%} of the requests failed at",
+            *rows,
+            "!!! req/s and latency count the successful answers only. Check the URL and",
+            "!!! the bodies (a 4xx: the server refused them; --body-dir sends images only",
+            "!!! unless --body-glob names other files).",
+            line,
+        ]
+    )
+
+
+def _percent(fraction: float | None) -> str:
+    return f"{fraction * 100:.0f}%" if fraction is not None else "-"
+
+
 def server_table(results: list[Result]) -> str | None:
     """One row per level from the /v1/stats deltas (None when the server is not
-    splitserve): engine busy %, mean batch per model, mean ms per stage."""
+    splitserve): engine busy %, each model's busy % and mean batch, mean ms per stage;
+    a note says what a busy above 100% means when there is one."""
     snapshots = [r.server for r in results if r.server]
     if not snapshots:
         return None
@@ -143,9 +179,11 @@ def server_table(results: list[Result]) -> str | None:
     simulated = set(simulated_models(results))
     header = ["level", "answers"]
     header += [f"engine {e} busy" for e in engines]
+    header += [f"{m} busy" for m in models]
     header += [f"batch {m}" + (" [SIMULATED]" if m in simulated else "") for m in models]
     header += [f"{STAGE_LABELS[s]} ms" for s in stages]
     rows = []
+    engine_over = model_over = False
     for r in results:
         s = r.server
         if not s:
@@ -157,7 +195,12 @@ def server_table(results: list[Result]) -> str | None:
         row = [r.label, str(s.get("requests", {}).get("total", "-"))]
         for e in engines:
             frac = s.get("engines", {}).get(e, {}).get("busy_fraction")
-            row.append(f"{frac * 100:.0f}%" if frac is not None else "-")
+            engine_over |= frac is not None and frac > 1.0
+            row.append(_percent(frac))
+        for m in models:
+            frac = s.get("models", {}).get(m, {}).get("busy_fraction")
+            model_over |= frac is not None and frac > 1.0
+            row.append(_percent(frac))
         for m in models:
             mean = s.get("models", {}).get(m, {}).get("mean_batch")
             row.append(f"{mean:.2f}" if mean is not None else "-")
@@ -166,22 +209,31 @@ def server_table(results: list[Result]) -> str | None:
         rows.append(row)
     mode = snapshots[0].get("mode")
     title = f"server: splitserve (mode {mode}), /v1/stats deltas over each measured window"
-    return f"{title}\n{_table(header, rows)}"
+    notes = []
+    if engine_over:
+        notes.append(
+            "engine busy: the compute time of the models it runs, per second, summed over\n"
+            "  them; above 100% its models' batches overlapped (each model has a batch\n"
+            "  thread of its own): each model's busy column shows its share"
+        )
+    if model_over:
+        notes.append("model busy: summed over the model's engines; above 100% they overlapped")
+    return "\n".join([title, _table(header, rows), *notes])
 
 
 def render(results: list[Result], url: str) -> str:
-    """The whole report printed at the end: load table, server table, loud warnings."""
+    """The whole report printed at the end: load table, server table, and the loud
+    warnings above and below them, where they cannot be missed."""
     parts = [f"{url}  ({results[0].client} client)" if results else url, load_table(results)]
     server = server_table(results)
-    simulated = simulated_models(results)
     if server:
         parts.append(server)
     elif results:
         parts.append("server: no /v1/stats (not splitserve, or stats disabled)")
-    if simulated:
-        parts.insert(0, simulated_banner(simulated))
-        parts.append(simulated_banner(simulated))
-    return "\n\n".join(parts)
+    simulated = simulated_models(results)
+    banners = [errors_banner(results), simulated_banner(simulated) if simulated else None]
+    shown = [b for b in banners if b]
+    return "\n\n".join([*shown, *parts, *shown])
 
 
 def print_report(results: list[Result], url: str, out: TextIO | None = None) -> None:
@@ -221,7 +273,8 @@ def write_json(path: Path, doc: dict[str, Any]) -> None:
 
 
 def plot(path: Path, results: list[Result], title: str) -> None:
-    """Throughput and latency percentiles against concurrency (or rate), as a PNG.
+    """Successful (and failed) req/s and the successes' latency percentiles against
+    concurrency (or rate), as a PNG; levels with many errors are named in red.
 
     matplotlib is imported here only: it is an optional extra (``splitserve[bench]``).
     """
@@ -235,7 +288,10 @@ def plot(path: Path, results: list[Result], title: str) -> None:
     open_loop = results[0].mode == "open"
     xs = [r.rate if open_loop else r.concurrency for r in results]
     fig, (ax_t, ax_l) = plt.subplots(1, 2, figsize=(11, 4.2))
-    ax_t.plot(xs, [r.rps for r in results], "o-", label="answered req/s")
+    ax_t.plot(xs, [r.rps for r in results], "o-", label="successful (2xx) req/s")
+    if any(r.failed for r in results):
+        failed_rps = [r.answered_rps - r.rps for r in results]
+        ax_t.plot(xs, failed_rps, "x--", color="red", label="failed req/s")
     if open_loop:
         ax_t.plot(xs, xs, ":", color="grey", label="offered")
     ax_t.set_ylabel("requests/s")
@@ -255,7 +311,11 @@ def plot(path: Path, results: list[Result], title: str) -> None:
     simulated = simulated_models(results)
     if simulated:
         title += "\nSIMULATED ACCELERATOR: " + ", ".join(simulated)
-    fig.suptitle(title, fontsize=10, color="red" if simulated else "black")
+    bad = [r for r in results if r.too_many_errors]
+    if bad:
+        title += "\nERRORS: " + ", ".join(f"{r.label} {r.error_fraction:.0%} failed" for r in bad)
+        title += " (req/s and latency: the successes only)"
+    fig.suptitle(title, fontsize=10, color="red" if simulated or bad else "black")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

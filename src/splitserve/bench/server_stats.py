@@ -5,7 +5,10 @@ The endpoint's counters are cumulative since the server started, so what a level
 the difference of a snapshot at each edge of its measured window: per-stage mean times,
 mean batch size per model (Δrows / Δbatches), engine busy fraction (Δbusy_s / Δuptime_s
 of that engine, both from the same engine report, so the engines' once-a-second report
-period cancels out). A server that does not answer the endpoint with JSON is not
+period cancels out), and each model's busy fraction (its Δbusy_s over the engines'
+clock). An engine's busy time is the sum of its models' compute times: models of one
+engine run in batch threads of their own and may overlap, so it can exceed 100%; a
+model's sums its replicas. A server that does not answer the endpoint with JSON is not
 splitserve, and the bench reports without these columns.
 """
 
@@ -124,4 +127,10 @@ def delta(before: dict[str, Any] | None, after: dict[str, Any] | None) -> dict[s
         fraction = busy / up if up > 0 and busy >= 0 else None
         engines[index] = {"busy_s": busy, "uptime_s": up, "busy_fraction": fraction}
     out["engines"] = engines
+    # A model's busy fraction: its compute seconds (summed over the engines that run it)
+    # per second of the engines' own clock, as the engine fraction is measured.
+    clocks = sorted(e["uptime_s"] for e in engines.values() if e["uptime_s"] > 0)
+    clock = clocks[len(clocks) // 2] if clocks else wall
+    for m in models.values():
+        m["busy_fraction"] = _ratio(m["busy_s"], clock)
     return out

@@ -4,7 +4,8 @@ when measuring the client itself (``splitserve bench --selftest``) and in its te
 It does as little as a server can (one process, uvloop when installed, a hand-written
 parser, a pre-built answer), so the requests/s it sustains bound what the client can
 drive. Knobs for the tests: ``--fail-every N`` answers every Nth request with
-``--fail-status`` (503), ``--delay-ms`` delays answers, ``--chunked`` and ``--close``
+``--fail-status`` (503), ``--delay-ms`` delays answers (``--fail-fast``: not the
+failures, as a server that refuses a body at once), ``--chunked`` and ``--close``
 change the answer's framing, ``--record`` counts the bodies it got (``GET /_received``),
 and ``--fake-stats`` serves a made-up ``/v1/stats`` whose model is SIMULATED.
 
@@ -145,6 +146,8 @@ class Connection(asyncio.Protocol):
             method, target = lines[0].split(b" ")[:2]
             answer = self.state.respond(method, target, ctype, body)
             delay = self.state.args.delay_ms
+            if self.state.args.fail_fast and answer is self.state.fail:
+                delay = 0.0
             if delay:
                 asyncio.get_running_loop().call_later(delay / 1000.0, self._send, answer)
             else:
@@ -177,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fail-every", type=int, default=0, help="every Nth request fails")
     parser.add_argument("--fail-status", type=int, default=503)
     parser.add_argument("--delay-ms", type=float, default=0.0)
+    parser.add_argument("--fail-fast", action="store_true", help="no delay for failures")
     parser.add_argument("--chunked", action="store_true", help="chunked answers")
     parser.add_argument("--close", action="store_true", help="close after each answer")
     parser.add_argument("--record", action="store_true", help="count bodies: GET /_received")

@@ -17,7 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
+
+try:
+    import onnx
+except ModuleNotFoundError as exc:  # installed without the `build` extra
+    from splitserve.compile import missing_build_extra
+
+    raise missing_build_extra(exc) from None
 
 from splitserve.compile import cache
 from splitserve.compile.data import (
@@ -60,6 +66,15 @@ log = logging.getLogger("splitserve.compile")
 BUILD_BACKENDS = ("onnxruntime", "tensorrt")
 RANKING_BATCHES = 4  # calibration batches the layer ranking runs (each exposes every layer)
 SYNTHETIC_BATCHES = 8
+# What a gate on random inputs is worth, said in the log, the report and the command's
+# output: a model's answers on noise (a text detector's map of noise is all but zero)
+# say nothing of its answers on real inputs.
+UNCALIBRATED_GATE = (
+    "the gate judged random inputs (no --calibration): it shows that the graph loads and "
+    "runs at this precision without overflow, not that the model's answers on real "
+    "inputs are kept; give it real inputs with --calibration DIR (.npy/.npz tensors, or "
+    "request files with --service) for a gate that does"
+)
 
 
 class GateRejected(RuntimeError):
@@ -169,7 +184,7 @@ def _load_data(spec: BuildSpec, reference: Engine) -> _Data:
     if spec.calibration is None:
         if spec.precision == "int8":
             raise DataError("int8 needs calibration inputs: --calibration DIR")
-        log.warning("no --calibration: the gate judges on random inputs only")
+        log.warning("%s", UNCALIBRATED_GATE)
         return _Data([], _synthetic(reference, SYNTHETIC_BATCHES), [], [], "random")
     split = split_files(spec.calibration, spec.holdout)
     if all(is_tensor_file(p) for p in split.calibration + split.holdout):
@@ -282,7 +297,7 @@ class _Builder:
 
 def _key_fields(spec: BuildSpec, data_digest: str) -> dict[str, Any]:
     return {
-        "model": cache.file_hash(spec.model_path),
+        "model": model_hash(spec.model_path),
         "precision": spec.precision,
         "keep_fp32": sorted(spec.keep_fp32),
         "search": spec.search,
@@ -300,6 +315,25 @@ def _key_fields(spec: BuildSpec, data_digest: str) -> dict[str, Any]:
         if spec.service
         else None,
     }
+
+
+def model_hash(path: Path) -> str:
+    """The hash of an ONNX model and of the external data files it names (exporters write
+    large weights beside the graph, ``model.onnx.data``): new weights, a new cache entry."""
+    graph = onnx.load(path, load_external_data=False).graph
+    tensors = [*graph.initializer]
+    tensors += [a.t for n in graph.node for a in n.attribute if a.type == a.TENSOR]
+    locations = sorted(
+        {
+            entry.value
+            for tensor in tensors
+            if tensor.data_location == onnx.TensorProto.EXTERNAL
+            for entry in tensor.external_data
+            if entry.key == "location"
+        }
+    )
+    digests = [cache.file_hash(path), *(cache.file_hash(path.parent / loc) for loc in locations)]
+    return digests[0] if len(digests) == 1 else cache.cache_key({"files": digests})
 
 
 def _data_digest(spec: BuildSpec) -> str:
@@ -349,10 +383,12 @@ def build(spec: BuildSpec, *, root: Path | None = None, force: bool = False) -> 
             if not report["gate"]["passed"]:
                 rejected = directory.with_name(directory.name + ".rejected.json")
                 cache.write_report(rejected, report)
+                note = report["gate"].get("note")
                 raise GateRejected(
                     f"{spec.model_path.name} at {spec.precision} fails the accuracy gate: "
                     + "; ".join(report["gate"]["failures"])
-                    + f" (report: {rejected})",
+                    + (f"\nnote: {note}" if note else "")
+                    + f"\n(report: {rejected})",
                     report,
                 )
             shutil.rmtree(staging / "work")  # the fp32 copy, every attempt: not the engine
@@ -410,7 +446,11 @@ def _build_into(spec: BuildSpec, staging: Path, fields: Mapping[str, Any]) -> di
         "kept_fp32_nodes": len(kept_nodes),
         "nodes": len(builder.source.graph.node),
         "search": search,
-        "gate": result.as_dict(),
+        "gate": {
+            **result.as_dict(),
+            "inputs": builder.data.description,
+            "note": UNCALIBRATED_GATE if builder.data.description == "random" else None,
+        },
         "latency": {
             "batches": len(batches),
             "threads": spec.threads,

@@ -25,7 +25,7 @@ examples:
 
 Every build is compared with fp32 on held-out inputs (--holdout DIR, or 1 file in 4 of
 --calibration) and refused when an output's relative L2 error exceeds --tolerance or,
-with --service, when the service's own agreement (OCR: equal text lines) falls under
+with --service, when the service's own agreement (OCR: 1 - CER against fp32) falls under
 --min-agreement. `--keep-fp32 auto` then searches for layers to keep in fp32. The engine
 lands in the cache (SPLITSERVE_CACHE_DIR, default ~/.cache/splitserve) with report.json.
 A server whose Model declares a precision builds the same entry as
@@ -68,7 +68,11 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from splitserve.compile.builder import BuildSpec, GateRejected, build
+    try:
+        from splitserve.compile.builder import BuildSpec, GateRejected, build
+    except ModuleNotFoundError as exc:  # the message says which extra to install
+        print(f"splitserve build: {exc}", file=sys.stderr)
+        return 2
     from splitserve.compile.data import DataError
     from splitserve.compile.precision import PrecisionError
     from splitserve.engines.tensorrt import TensorRTUnavailable
@@ -105,6 +109,8 @@ def run(args: argparse.Namespace) -> int:
         f"latency {latency['fp32_ms']} -> {latency['engine_ms']} ms per batch "
         f"(x{latency['speedup']})"
     )
+    if report["gate"].get("note"):
+        print(f"  note: {report['gate']['note']}")
     return 0
 
 

@@ -4,12 +4,15 @@ A folder holds either tensors (``.npy``: a batch for a one-input model; ``.npz``
 batch per input name) or request bodies (images, JSON...) that the service itself turns
 into model inputs: the service runs in-process on fp32 engines and every input its
 model receives is captured, so a pipeline's later models (OCR's recogniser) calibrate
-on exactly what they see when served.
+on exactly what they see when served. In a folder of images, the other files (each
+page's ground truth, written beside it by examples/ocr/make_images.py) are skipped.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from splitserve.replies import guess_content_type
+from splitserve.media import content_type, file_image_type
 
 if TYPE_CHECKING:
     from splitserve.service import Service
@@ -25,6 +28,8 @@ if TYPE_CHECKING:
 Batch = dict[str, np.ndarray]
 TENSOR_SUFFIXES = (".npy", ".npz")
 HOLDOUT_EVERY = 4  # without --holdout, every 4th file of the calibration folder is held out
+
+log = logging.getLogger("splitserve.compile")
 
 
 class DataError(ValueError):
@@ -45,6 +50,12 @@ def list_files(folder: Path) -> list[Path]:
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
     if not files:
         raise DataError(f"{folder} holds no files")
+    images = [p for p in files if file_image_type(p)]
+    if images and len(images) < len(files) and not any(is_tensor_file(p) for p in files):
+        others = Counter(p.suffix.lower() or "(no extension)" for p in files if p not in images)
+        kinds = ", ".join(f"{n} {suffix}" for suffix, n in sorted(others.items()))
+        log.info("%s: using its %d images, skipping %s", folder, len(images), kinds)
+        return images
     return files
 
 
@@ -126,7 +137,7 @@ def answer_of(service: Any, path: Path) -> Any:
     """``service``'s decoded answer to the body in ``path``; a failed request is an error."""
     import json
 
-    reply = service.call(path.read_bytes(), guess_content_type(path))
+    reply = service.call(path.read_bytes(), content_type(path))
     if reply.status != 200:
         raise DataError(f"{path.name}: the service answered {reply.status}: {reply.body[:200]!r}")
     if reply.content_type.startswith("application/json"):

@@ -138,7 +138,12 @@ def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def to_fp16(model: onnx.ModelProto, keep: KeepList) -> onnx.ModelProto:
     """fp16 everywhere except ``keep``; inputs and outputs stay fp32."""
-    from onnxconverter_common.float16 import convert_float_to_float16
+    try:
+        from onnxconverter_common.float16 import convert_float_to_float16
+    except ModuleNotFoundError as exc:  # installed without the `build` extra
+        from splitserve.compile import missing_build_extra
+
+        raise missing_build_extra(exc) from None
 
     with _quiet():
         converted = convert_float_to_float16(
@@ -147,7 +152,7 @@ def to_fp16(model: onnx.ModelProto, keep: KeepList) -> onnx.ModelProto:
             node_block_list=list(keep.nodes),
             op_block_list=_fp16_op_blocks(keep),
         )
-    return _restore_output_types(model, converted)
+    return unify_typed_inputs(_restore_output_types(model, converted))
 
 
 def _restore_output_types(original: onnx.ModelProto, converted: onnx.ModelProto) -> onnx.ModelProto:
@@ -171,6 +176,105 @@ def _restore_output_types(original: onnx.ModelProto, converted: onnx.ModelProto)
                 attr.i = TensorProto.FLOAT
         output.type.tensor_type.elem_type = TensorProto.FLOAT
     return converted
+
+
+FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16)
+
+
+def unify_typed_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Give every input that an op's schema binds to one type parameter the same float
+    type, so the graph loads.
+
+    The converter casts the data input of a layer kept in fp32 but not its other typed
+    inputs: ``Clip``'s min and max, or a constant shared by a kept and a converted layer
+    (an initializer both use stays fp32 for both), and ONNX Runtime then refuses the
+    graph ("Type parameter (T) of Optype (Clip) bound to different types"). Here each
+    such input follows the node's first non-initializer input of that type parameter
+    (the data path, which the converter got right): initializers get a converted copy,
+    other tensors a Cast in front of the node.
+    """
+    types = _tensor_types(model)
+    graph = model.graph
+    initializers = {t.name: t for t in graph.initializer}
+    opset = default_opset(model)
+    copies: dict[tuple[str, int], str] = {}
+    nodes: list[onnx.NodeProto] = []
+    for node in graph.node:
+        for index, target in _retyped_inputs(node, types, initializers, opset):
+            name = node.input[index]
+            key = (name, target)
+            if key not in copies:
+                copies[key] = f"{name}_as_{TensorProto.DataType.Name(target).lower()}"
+                if name in initializers:
+                    values = onnx.numpy_helper.to_array(initializers[name]).astype(
+                        onnx.helper.tensor_dtype_to_np_dtype(target)
+                    )
+                    graph.initializer.append(onnx.numpy_helper.from_array(values, copies[key]))
+                else:
+                    nodes.append(
+                        onnx.helper.make_node(
+                            "Cast", [name], [copies[key]], name=copies[key], to=target
+                        )
+                    )
+                types[copies[key]] = target
+            node.input[index] = copies[key]
+        nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return model
+
+
+def _retyped_inputs(
+    node: onnx.NodeProto,
+    types: Mapping[str, int],
+    initializers: Mapping[str, TensorProto],
+    opset: int,
+) -> list[tuple[int, int]]:
+    """(input index, float type it must have) for the inputs of ``node`` whose float type
+    differs from their type parameter's data path."""
+    if node.domain not in ("", "ai.onnx"):
+        return []
+    try:
+        schema = onnx.defs.get_schema(node.op_type, opset)
+    except onnx.defs.SchemaError:
+        return []
+    groups: dict[str, list[int]] = {}
+    for index in range(len(node.input)):
+        if not node.input[index]:
+            continue  # an omitted optional input
+        formal = schema.inputs[min(index, len(schema.inputs) - 1)]
+        if index >= len(schema.inputs) and formal.option != formal.option.Variadic:
+            continue
+        groups.setdefault(formal.type_str, []).append(index)
+    out = []
+    for type_str, indices in groups.items():
+        if type_str.startswith("tensor("):
+            continue  # a fixed type, not a parameter shared by several inputs
+        floats = [i for i in indices if types.get(node.input[i]) in FLOAT_TYPES]
+        data = [i for i in floats if node.input[i] not in initializers]
+        if len(floats) < 2 or not data:
+            continue
+        target = types[node.input[data[0]]]
+        out += [(i, target) for i in floats if types[node.input[i]] != target]
+    return out
+
+
+def _tensor_types(model: onnx.ModelProto) -> dict[str, int]:
+    """The element type of every tensor of the main graph that shape inference knows."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    types = {
+        info.name: info.type.tensor_type.elem_type
+        for info in _value_infos(inferred.graph)
+        if info.type.tensor_type.elem_type
+    }
+    types.update({t.name: t.data_type for t in model.graph.initializer})
+    for node in model.graph.node:  # what inference may miss: casts and constants
+        for attr in node.attribute:
+            if node.op_type == "Cast" and attr.name == "to":
+                types[node.output[0]] = attr.i
+            elif node.op_type == "Constant" and attr.name == "value":
+                types[node.output[0]] = attr.t.data_type
+    return types
 
 
 def _fp16_op_blocks(keep: KeepList) -> list[str]:
