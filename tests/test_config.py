@@ -14,7 +14,7 @@ import pytest
 from splitserve import config
 from splitserve.config import ServerConfig
 from splitserve.layout import Services
-from tests.conftest import ROOT, Server, children_of, process_name
+from tests.conftest import ROOT, Server, children_of, free_port, process_name
 
 
 def parse(*argv: str) -> ServerConfig:
@@ -73,17 +73,28 @@ def test_a_bad_file_is_a_clear_error(tmp_path: Path, text: str, message: str) ->
         Services.load(cfg.services, cfg.models)
 
 
-def test_the_command_line_reports_a_bad_file_in_one_line(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("text", "code", "message"),
+    [
+        ("mode = 3\n", 2, "mode must be str, got 3"),
+        ('[models."echo/nope"]\nreplicas = 2\n', 1, "the config sets models ['echo/nope']"),
+        ('services = ["tests.nowhere:Echo"]\n', 1, "No module named 'tests.nowhere'"),
+    ],
+)
+def test_the_command_line_reports_a_bad_file_in_one_line(
+    tmp_path: Path, text: str, code: int, message: str
+) -> None:
     path = tmp_path / "splitserve.toml"
-    path.write_text('services = ["tests.services:Echo"]\nmode = 3\n')
+    path.write_text('services = ["tests.services:Echo"]\n' * ("services" not in text) + text)
+    port = str(free_port())
     done = subprocess.run(
-        [sys.executable, "-m", "splitserve.cli", "serve", "--config", str(path)],
+        [sys.executable, "-m", "splitserve.cli", "serve", "--config", str(path), "--port", port],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=60,
     )
-    assert done.returncode == 2 and "mode must be str, got 3" in done.stderr
+    assert done.returncode == code and message in done.stderr, done.stderr
     assert "Traceback" not in done.stderr
 
 

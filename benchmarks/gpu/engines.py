@@ -3,7 +3,7 @@ with CUDA graphs (and fp16 eager, to separate the two effects), at batch 1, 8 an
 
 The network is examples/vision's ResNet-50-like CNN at 224x224. Each configuration runs
 in its own child process (a fresh CUDA context; a crash loses one row, not the run),
-warms up, then times ``engine.infer`` (host numpy in, host numpy out: the copies a
+warms up, then times ``engine.run_batch`` (host numpy in, host numpy out: the copies a
 served batch pays are included) for ``--seconds`` per batch size. Every fp16 engine's
 logits are checked against the fp32 engine's on the same inputs (top-1 agreement and
 relative error), so a fast but wrong engine shows. Fits in 5 minutes on one H100/H200

@@ -34,7 +34,10 @@ def serve(cfg: ServerConfig) -> int:
     """
     configure_logging(cfg.log_level)
     check_port_free(cfg.host, cfg.port)  # before builds that may take minutes
-    services = Services.load(cfg.services, cfg.models)
+    try:
+        services = Services.load(cfg.services, cfg.models)
+    except (ImportError, ValueError, TypeError) as exc:  # a bad name or declaration
+        raise SystemExit(f"splitserve: cannot load the services: {exc}") from None
     built: dict[str, str] = {}
     if any(d.model.needs_build for d in services.models.values()):
         from splitserve.compile.artifacts import build_engines  # onnx & co. only when needed
