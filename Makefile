@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: serve test lint clean
+.PHONY: serve test lint clean protos
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ test: $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[ocr,build,bench,dev]'
 	$(BIN)/python examples/noop/make_model.py
 	$(BIN)/python -m pytest -q
+
+# Regenerate the protocol v2 gRPC messages from their .proto (grpcio-tools, a dev tool).
+protos: $(BIN)/python
+	cd src/splitserve/protocol/grpc_v2 && $(CURDIR)/$(BIN)/python -m grpc_tools.protoc -I. --python_out=. inference.proto
 
 lint: $(BIN)/python
 	$(BIN)/ruff check src tests examples benchmarks

@@ -18,6 +18,9 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument(
+        "--grpc-port", type=int, default=0, help="protocol v2 over gRPC on this port (0: off)"
+    )
+    p.add_argument(
         "--mode",
         choices=["split", "threaded"],
         default="split",
@@ -82,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
             services=args.services,
             host=args.host,
             port=args.port,
+            grpc_port=args.grpc_port,
             mode=args.mode,
             cpu_workers=args.cpu_workers,
             engine_replicas=args.engine_replicas,

@@ -14,6 +14,8 @@ class ServerConfig:
     services: list[str]
     host: str = "127.0.0.1"
     port: int = 8000
+    # Protocol v2 over gRPC on this port (0: off; Triton's is 8001), same host.
+    grpc_port: int = 0
     mode: str = "split"  # "split" or "threaded"
     cpu_workers: int = 2
     # Overrides every model's own ``replicas``: engine process j hosts replica j.

@@ -8,6 +8,8 @@ Routes:
   busy time) for load generators; see runtime/stats.py.
 - ``GET /health/live``: the process answers. ``GET /health/ready``: every engine has
   loaded and warmed up, and at least one CPU worker is ready (503 until then).
+- ``/v2/...``: the Open Inference Protocol (protocol/v2.py); ``GET /metrics``:
+  Prometheus (protocol/metrics.py).
 
 The front does no user work: it checks the route and the body size, stamps a deadline
 and hands the request to a ``Dispatcher``.
@@ -26,6 +28,9 @@ from starlette.routing import Route
 
 from splitserve.config import ServerConfig
 from splitserve.errors import BadRequest, NotFound, PayloadTooLarge, ServiceError
+from splitserve.protocol.grpc_server import with_grpc
+from splitserve.protocol.metrics import InferenceStats, metrics_route
+from splitserve.protocol.v2 import v2_routes
 from splitserve.runtime.invoke import TIMINGS_HEADER, Reply, error_reply, timings_header
 from splitserve.runtime.messages import EngineStats
 from splitserve.runtime.stats import RequestStats
@@ -82,9 +87,11 @@ def create_app(
     """The ASGI app; ``catalogue`` maps service names to a description of their models."""
 
     request_stats = RequestStats()
+    inference_stats = InferenceStats()  # per model, for /v2 statistics and /metrics
 
     async def infer(request: HttpRequest) -> Response:
         name = request.path_params["name"]
+        started = inference_stats.started(name) if name in catalogue else 0.0
         try:
             if name not in catalogue:
                 raise NotFound(f"no service named {name!r}; served: {sorted(catalogue)}")
@@ -97,6 +104,8 @@ def create_app(
         except ServiceError as exc:
             reply = error_reply(exc)
         request_stats.record(reply.status, reply.timings)
+        if name in catalogue:
+            inference_stats.finished(name, started, reply.status, reply.timings)
         return _response(reply)
 
     async def stats(_: HttpRequest) -> Response:
@@ -119,7 +128,10 @@ def create_app(
         Route("/v1/stats", stats, methods=["GET"]),
         Route("/health/live", live, methods=["GET"]),
         Route("/health/ready", ready, methods=["GET"]),
+        *v2_routes(dispatcher, cfg, catalogue, inference_stats, request_stats),
+        metrics_route(inference_stats, request_stats, dispatcher),
     ]
+    lifespan = with_grpc(lifespan, dispatcher, cfg, catalogue, inference_stats, request_stats)
     return Starlette(routes=routes, lifespan=lifespan)
 
 

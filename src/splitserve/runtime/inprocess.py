@@ -55,7 +55,7 @@ class InProcessService:
             engine = create_engine(model, Path(path), threads=engine_threads)
             engine.infer(engine.warmup_batch())
             limit = min(model.max_batch_size, engine.max_batch_size or model.max_batch_size)
-            counters = ModelCounters(model.backend, engine.simulated)
+            counters = ModelCounters(model.backend, engine.simulated, engine.inputs, engine.outputs)
             self.engines[model_name] = (engine, limit, counters)
         self.service = cls()
         self.service.setup()

@@ -94,6 +94,14 @@ class ChildReady(msgspec.Struct, tag="ready", array_like=True):
     pid: int
 
 
+class TensorInfo(msgspec.Struct, array_like=True, frozen=True):
+    """A model input or output as its engine loaded it (-1: a dynamic axis)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+
 class ModelStats(msgspec.Struct, array_like=True):
     backend: str
     simulated: bool = False
@@ -102,6 +110,9 @@ class ModelStats(msgspec.Struct, array_like=True):
     busy_s: float = 0.0
     queue_ms_sum: float = 0.0
     batch_sizes: dict[int, int] = {}
+    # The model's signature, for protocol v2 metadata (the front loads no model).
+    inputs: list[TensorInfo] = []
+    outputs: list[TensorInfo] = []
 
 
 class EngineStats(msgspec.Struct, tag="engine_stats", array_like=True):
@@ -111,6 +122,7 @@ class EngineStats(msgspec.Struct, tag="engine_stats", array_like=True):
     pid: int
     uptime_s: float
     models: dict[str, ModelStats]
+    shm_bytes: int = 0  # this engine's shared-memory pool, allocated
 
     @property
     def busy_s(self) -> float:
@@ -127,6 +139,7 @@ class ServerState(msgspec.Struct, tag="state", array_like=True):
     engines: dict[int, int]
     workers: dict[int, int]
     engine_stats: list[EngineStats] = []
+    restarts: dict[str, int] = {}  # by role ("engine", "worker", "front")
 
     @property
     def ready(self) -> bool:

@@ -11,9 +11,10 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
+from collections.abc import Sequence
 from typing import Any
 
-from splitserve.runtime.messages import EngineStats, ModelStats
+from splitserve.runtime.messages import EngineStats, ModelStats, TensorInfo
 
 # Reply timings (ms) that the front sums per stage, under the stage's public name.
 STAGES = {
@@ -28,9 +29,18 @@ STAGES = {
 class ModelCounters:
     """Counts one model's batches; shared by its batch thread and the reporter."""
 
-    def __init__(self, backend: str, simulated: bool = False) -> None:
+    def __init__(
+        self,
+        backend: str,
+        simulated: bool = False,
+        inputs: Sequence[Any] = (),
+        outputs: Sequence[Any] = (),
+    ) -> None:
+        """``inputs``/``outputs``: the engine's TensorSpecs (name, dtype, shape)."""
         self.simulated = simulated
         self._stats = ModelStats(backend, simulated, batch_sizes={})
+        self._inputs = [_tensor_info(spec) for spec in inputs]
+        self._outputs = [_tensor_info(spec) for spec in outputs]
         self._sizes: Counter[int] = Counter()
         self._lock = threading.Lock()
 
@@ -54,7 +64,14 @@ class ModelCounters:
                 s.busy_s,
                 s.queue_ms_sum,
                 dict(self._sizes),
+                self._inputs,
+                self._outputs,
             )
+
+
+def _tensor_info(spec: Any) -> TensorInfo:
+    shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in spec.shape)
+    return TensorInfo(spec.name, str(spec.dtype), shape)
 
 
 class RequestStats:
