@@ -28,6 +28,12 @@ import numpy as np
 from splitserve.errors import BadRequest, NotFound, ServiceError, Unavailable
 from splitserve.protocol.datatypes import datatype_name
 from splitserve.runtime.invoke import Reply
+from splitserve.tensors import (
+    BUNDLE_CONTENT_TYPE,
+    BundleError,
+    pack_tensors_bundle,
+    unpack_tensors_bundle,
+)
 
 VERSION = "1"
 SERVICE_INPUT = "request"
@@ -190,11 +196,12 @@ class ModelRegistry:
         deadline: float,
         headers: dict[str, str],
     ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-        from splitserve.tensors import pack_tensors_bundle, unpack_tensors_bundle
-
-        body = pack_tensors_bundle(inputs)
+        try:
+            body = pack_tensors_bundle(inputs)
+        except BundleError as exc:  # e.g. BF16, which the engines' transport does not carry
+            raise BadRequest(f"model {entry.name!r}: {exc}") from None
         reply = await self.dispatcher.dispatch(
-            entry.service, body, DEFAULT_CONTENT_TYPE, headers, deadline, model=entry.engine_model
+            entry.service, body, BUNDLE_CONTENT_TYPE, headers, deadline, model=entry.engine_model
         )
         if reply.status != 200:
             raise reply_error(reply)
