@@ -15,6 +15,7 @@ The service handlers are registered generically, so no ``_pb2_grpc`` module is n
 from __future__ import annotations
 
 import contextlib
+import hmac
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -24,7 +25,7 @@ import grpc
 import numpy as np
 
 from splitserve.config import ServerConfig
-from splitserve.errors import BadRequest, ServiceError, error_status_and_kind
+from splitserve.errors import BadRequest, ServiceError, Unauthorized, error_status_and_kind
 from splitserve.protocol import datatypes
 from splitserve.protocol.grpc_v2 import inference_pb2 as pb
 from splitserve.protocol.metrics import InferenceStats, model_statistics
@@ -136,10 +137,19 @@ class InferenceServicer:
 
     async def _entry(self, name: str, version: str, context: Any) -> ModelEntry:
         try:
+            self.check_token(context)
             return self.registry.get(name, version)
         except ServiceError as exc:
             await self._abort(context, exc)
             raise  # not reached: abort raises
+
+    def check_token(self, context: Any) -> None:
+        """``--auth-token``: the ``authorization: Bearer`` metadata, as over HTTP."""
+        if not self.cfg.auth_token:
+            return
+        given = dict(context.invocation_metadata()).get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {self.cfg.auth_token}".encode()):
+            raise Unauthorized("missing or wrong bearer token")
 
     @staticmethod
     async def _abort(context: Any, exc: BaseException) -> None:
@@ -150,13 +160,21 @@ class InferenceServicer:
         return pb.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request: Any, context: Any) -> Any:
+        await self._authorised(context)
         return pb.ServerReadyResponse(ready=self.dispatcher.ready())
+
+    async def _authorised(self, context: Any) -> None:
+        try:
+            self.check_token(context)
+        except ServiceError as exc:
+            await self._abort(context, exc)
 
     async def ModelReady(self, request: Any, context: Any) -> Any:
         entry = await self._entry(request.name, request.version, context)
         return pb.ModelReadyResponse(ready=self.registry.ready(entry))
 
     async def ServerMetadata(self, request: Any, context: Any) -> Any:
+        await self._authorised(context)
         return pb.ServerMetadataResponse(**server_metadata())
 
     async def ModelMetadata(self, request: Any, context: Any) -> Any:
@@ -197,6 +215,7 @@ class InferenceServicer:
         if request.name:
             entries = [await self._entry(request.name, request.version, context)]
         else:
+            await self._authorised(context)
             entries = list(self.registry.entries().values())
         engines = self.dispatcher.engine_stats()
         docs = [

@@ -137,14 +137,19 @@ def model_statistics(
     if engine_model:  # the engines' view: every request of this model, whatever its route
         sizes: Counter[int] = Counter()
         batches = rows = 0
+        queue_ms = busy_s = 0.0
         for engine in engines:
             model = engine.models.get(key)
             if model is not None:
                 batches += model.batches
                 rows += model.rows
+                queue_ms += model.queue_ms_sum
+                busy_s += model.busy_s
                 sizes.update(model.batch_sizes)
         doc["inference_count"] = rows
         doc["execution_count"] = batches
+        doc["inference_stats"]["queue"] = {"count": rows, "ns": int(queue_ms * 1e6)}
+        doc["inference_stats"]["compute_infer"] = {"count": batches, "ns": int(busy_s * 1e9)}
         doc["batch_stats"] = [
             {"batch_size": size, "compute_infer": {"count": n, "ns": 0}}
             for size, n in sorted(sizes.items())

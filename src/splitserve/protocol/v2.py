@@ -19,6 +19,7 @@ failure (400 bad input, 404 unknown model, 413, 503 shed or not ready, 504 deadl
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -206,6 +207,22 @@ def encode_response(
     )
 
 
+async def watched(request: HttpRequest, work: Any) -> Any:
+    """Await ``work``, cancelled (with the jobs it started) if the client disconnects."""
+    from splitserve.protocol.rest import ClientGone, until_disconnected
+
+    task = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(until_disconnected(request.receive, task))
+    try:
+        return await task
+    except asyncio.CancelledError:
+        if watch.done() and not asyncio.current_task().cancelling():  # type: ignore[union-attr]
+            raise ClientGone("the client closed the connection before the answer") from None
+        raise
+    finally:
+        watch.cancel()
+
+
 def v2_routes(
     dispatcher: Any,
     cfg: ServerConfig,
@@ -286,12 +303,15 @@ def v2_routes(
             deadline = request_deadline(parameters, cfg)
             inputs = decode_inputs(doc, binary)
             names, binary_outputs = requested_outputs(doc)
-            outputs, timings = await registry.infer(
-                entry,
-                inputs,
-                deadline=deadline,
-                headers=dict(request.headers),
-                content_type=content_type_parameter(parameters),
+            outputs, timings = await watched(
+                request,
+                registry.infer(
+                    entry,
+                    inputs,
+                    deadline=deadline,
+                    headers=dict(request.headers),
+                    content_type=content_type_parameter(parameters),
+                ),
             )
             outputs = select_outputs(entry, outputs, names)
             response = encode_response(
