@@ -55,6 +55,9 @@ def numpy_dtype(datatype: str) -> np.dtype:
 
 def datatype_name(dtype: np.dtype | str) -> str:
     """The v2 datatype name of a numpy dtype (or dtype name: "float32", "bfloat16")."""
+    name = _BY_DTYPE.get(dtype)  # the common case, one lookup
+    if name is not None:
+        return name
     if str(dtype) == "bfloat16":
         return "BF16"
     dtype = np.dtype(dtype)

@@ -93,6 +93,7 @@ class ModelRegistry:
     def __init__(self, dispatcher: Any, catalogue: Mapping[str, Mapping[str, Any]]) -> None:
         self.dispatcher = dispatcher
         self.catalogue = catalogue
+        self._complete: dict[str, ModelEntry] | None = None  # once every signature is known
 
     def _signatures(self) -> dict[str, Any]:
         """The engines' model statistics by "service/model" (they carry the signatures)."""
@@ -104,6 +105,8 @@ class ModelRegistry:
         return found
 
     def entries(self) -> dict[str, ModelEntry]:
+        if self._complete is not None:
+            return self._complete
         signatures = self._signatures()
         entries: dict[str, ModelEntry] = {}
         for service, description in self.catalogue.items():
@@ -130,6 +133,8 @@ class ModelRegistry:
                     _metas(stats.inputs) if stats else [],
                     _metas(stats.outputs) if stats else [],
                 )
+        if all(entry.inputs for entry in entries.values()):
+            self._complete = entries  # signatures do not change while the server runs
         return entries
 
     def get(self, name: str, version: str = "") -> ModelEntry:

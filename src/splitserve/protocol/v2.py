@@ -20,12 +20,12 @@ failure (400 bad input, 404 unknown model, 413, 503 shed or not ready, 504 deadl
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 import zlib
 from typing import Any
 
+import msgspec
 import numpy as np
 from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, Response
@@ -109,8 +109,8 @@ def parse_infer_body(body: bytes, header_length: str | None) -> tuple[dict[str, 
         split = int(header_length)
         json_part, binary = body[:split], memoryview(body)[split:]
     try:
-        doc = json.loads(json_part)
-    except ValueError as exc:
+        doc = msgspec.json.decode(json_part)
+    except msgspec.DecodeError as exc:
         raise BadRequest(f"the inference request is not valid JSON: {exc}") from None
     if not isinstance(doc, dict):
         raise BadRequest("the inference request must be a JSON object")
@@ -197,7 +197,7 @@ def encode_response(
     result: dict[str, Any] = {"model_name": entry.name, "model_version": VERSION, "outputs": docs}
     if request_id is not None:
         result["id"] = request_id
-    header = json.dumps(result, separators=(",", ":")).encode()
+    header = msgspec.json.encode(result)
     if not chunks:
         return Response(header, media_type="application/json")
     return Response(
