@@ -300,18 +300,19 @@ async def measure_all(args: argparse.Namespace, port: int, grpc_port: int) -> di
 
         for r in range(args.rounds):
             print(f"round {r + 1}/{args.rounds}", flush=True)
-            for name, call in rotate(tensor, r):
+            for name, call in rotate(tensor, r) if "tensor" in args.parts else ():
                 if "JSON" in name:  # seconds per request: a fixed count, not a window
                     row = await fixed_count(call, 2, args.json_requests)
                 else:
                     row = await closed_loop(call, 2, args.duration, 1.0)
                 results.setdefault(f"tensor/{name}", []).append(row)
                 report(f"tensor/{name}", row)
-            for name, call in rotate(noop, r):
+            for name, call in rotate(noop, r) if "noop" in args.parts else ():
                 row = await closed_loop(call, 1, args.duration, 1.0)
                 results.setdefault(f"noop/{name}", []).append(row)
                 report(f"noop/{name}", row)
-            for scraping in rotate({"no scrape": False, "scrape 10 Hz": True}, r):
+            scrape_points = {"no scrape": False, "scrape 10 Hz": True}
+            for scraping in rotate(scrape_points, r) if "metrics" in args.parts else ():
                 task = None
                 if scraping[1]:
                     scrape_stop.clear()
@@ -377,6 +378,12 @@ def main() -> int:
     parser.add_argument(
         "--json-requests", type=int, default=4, help="v2 JSON image requests per round"
     )
+    parser.add_argument(
+        "--parts",
+        nargs="+",
+        choices=["tensor", "noop", "metrics"],
+        default=["tensor", "noop", "metrics"],
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     if not NOOP_MODEL.exists():
@@ -404,8 +411,9 @@ def main() -> int:
         results = asyncio.run(measure_all(args, port, grpc_port))
     finally:
         print(f"server stopped (exit code {stop_server(proc)})", flush=True)
-    summary = summarise(results)
-    print(json.dumps({"ratios": summary["ratios"], "floors": summary["floors"]}, indent=2))
+    summary = summarise(results) if len(args.parts) == 3 else {}
+    if summary:
+        print(json.dumps({"ratios": summary["ratios"], "floors": summary["floors"]}, indent=2))
     out = {
         "summary": summary,
         "results": results,
