@@ -59,6 +59,8 @@ class Child:
 class Supervisor:
     def __init__(self, cfg: ServerConfig) -> None:
         check_port_free(cfg.host, cfg.port)
+        if cfg.grpc_port:
+            check_port_free(cfg.host, cfg.grpc_port)
         classes = cfg.load_services()
         artifacts = build_engines(classes)
         run_dir = tempfile.mkdtemp(prefix="splitserve-")

@@ -103,6 +103,8 @@ class ThreadedDispatcher:
 def serve_threaded(cfg: ServerConfig) -> int:
     configure_logging(cfg.log_level)
     check_port_free(cfg.host, cfg.port)
+    if cfg.grpc_port:
+        check_port_free(cfg.host, cfg.grpc_port)
     dispatcher = ThreadedDispatcher(cfg)
     log.info(
         "serving %s in threaded mode on http://%s:%d (%d threads)",
