@@ -293,3 +293,57 @@ def test_grpc_statistics(grpc) -> None:
     grpc.infer("padded.model", [inp])
     stats = grpc.get_inference_statistics("padded.model").model_stats[0]
     assert stats.name == "padded.model" and stats.inference_stats.success.count >= 1
+
+
+def test_grpc_typed_contents(grpc) -> None:
+    """Typed InferTensorContents instead of raw (built with tritonclient's own messages)."""
+    from tritonclient.grpc import service_pb2
+
+    request = service_pb2.ModelInferRequest(model_name="echo.model", id="typed")
+    tensor = request.inputs.add(name="x", datatype="FP32", shape=[2, 2])
+    tensor.contents.fp32_contents.extend([1, 2, 3, 4])
+    response = grpc._client_stub.ModelInfer(request)
+    assert response.id == "typed"
+    y = np.frombuffer(response.raw_output_contents[0], dtype=np.float32)
+    assert y.tolist() == [1, 2, 3, 4] and list(response.outputs[0].shape) == [2, 2]
+    service = service_pb2.ModelInferRequest(model_name="echo")
+    service.parameters["content_type"].string_param = "application/json"
+    body = service.inputs.add(name="request", datatype="BYTES", shape=[1])
+    body.contents.bytes_contents.append(b'{"values": [7]}')
+    answer = grpc._client_stub.ModelInfer(service).raw_output_contents[0]
+    assert json.loads(answer[4:]) == {"values": [[7.0]], "shape": [1, 1]}  # 4-byte length
+
+
+GOOD_TOKEN = {"Authorization": "Bearer s3cret"}
+
+
+@pytest.fixture(scope="module")
+def token_server() -> Iterator[Server]:
+    grpc_port = free_port()
+    token = ["--auth-token", "s3cret"]
+    server = Server(TEST_SERVICES, "--grpc-port", str(grpc_port), *token, headers=GOOD_TOKEN)
+    server.grpc_url = f"127.0.0.1:{grpc_port}"  # type: ignore[attr-defined]
+    yield server
+    server.stop()
+
+
+def test_bearer_token_on_both_protocols(token_server: Server) -> None:
+    good = GOOD_TOKEN
+    http = httpclient.InferenceServerClient(url=token_server.url.removeprefix("http://"))
+    grpc = grpcclient.InferenceServerClient(url=token_server.grpc_url)  # type: ignore[attr-defined]
+    try:
+        assert http.is_server_live()  # liveness stays open, as on /health/live
+        assert http.get_server_metadata(headers=good)["name"] == "splitserve"
+        with pytest.raises(InferenceServerException) as err:
+            http.get_model_metadata("echo")
+        assert err.value.status() == "401"
+        lower = {"authorization": good["Authorization"]}  # gRPC metadata keys are lowercase
+        assert grpc.get_model_metadata("echo", headers=lower).name == "echo"
+        with pytest.raises(InferenceServerException) as err:
+            grpc.get_model_metadata("echo", headers={"authorization": "Bearer wrong"})
+        assert err.value.status() == "StatusCode.UNAUTHENTICATED"
+        with pytest.raises(InferenceServerException):
+            grpc.is_server_ready()
+    finally:
+        http.close()
+        grpc.close()
