@@ -25,6 +25,8 @@ def scrape(server: Server) -> dict[tuple[str, tuple], float]:
     r = server.client.get("/metrics")
     assert r.status_code == 200
     assert r.headers["content-type"].startswith("text/plain")
+    # Triton's names exactly as Triton writes them (no _total on its counters)
+    assert "\n# TYPE nv_inference_request_success counter\n" in r.text
     return {
         (sample.name, tuple(sorted(sample.labels.items()))): sample.value
         for family in text_string_to_metric_families(r.text)
@@ -82,6 +84,8 @@ def test_counters_move_with_requests(server: Server) -> None:
     assert value(after, "splitserve_stage_duration_ms_bucket", stage="worker", le="+Inf") >= 6
     assert delta("splitserve_requests_total", status="200") == 5
     assert delta("splitserve_engine_busy_seconds_total", engine="0") > 0
+    assert ("splitserve_shed_requests_total", ()) in after
+    assert ("splitserve_cancelled_requests_total", ()) in after
     assert not any(name.startswith("nv_gpu") for name, _ in after)  # no GPU here
     if server.mode == "split":
         assert ("splitserve_restarts_total", (("role", "worker"),)) in after

@@ -8,8 +8,9 @@ time, batch sizes, shared memory) reach the front in the supervisor's ``ServerSt
 them all in the front, so ``/metrics`` covers every process without a second channel.
 
 Triton's metric names are used where Triton has the metric (``nv_inference_*``, same
-labels ``model`` and ``version``); the rest are ``splitserve_*``. GPU metrics come from
-NVML and only where a GPU and ``pynvml`` exist.
+labels ``model`` and ``version``, counters without a ``_total`` suffix, as Triton
+writes them); the rest are ``splitserve_*``. GPU metrics come from NVML and only where
+a GPU and ``pynvml`` exist.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from __future__ import annotations
 import bisect
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -157,207 +158,280 @@ def model_statistics(
     return doc
 
 
-class MetricsCollector:
-    """A prometheus-client collector that reads the counters at each scrape."""
+class Exposition:
+    """The Prometheus text format (0.0.4), written directly.
 
-    def __init__(
-        self,
-        stats: InferenceStats,
-        request_stats: Any,
-        dispatcher: Any,
-        model_names: Any,
+    prometheus-client's ``generate_latest`` costs ~35 µs per sample here (~7 ms for the
+    ~200 samples of a small server, measured on the 2-core test machine): at a 10 Hz
+    scrape that is 7% of a core in the front, which also serves every request. Written
+    directly it is ~15x cheaper. It also keeps Triton's counter names exactly as Triton
+    exposes them (no ``_total`` suffix added). Tests parse it with prometheus-client.
+    """
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def family(self, name: str, kind: str, help_text: str) -> None:
+        self.lines.append(f"# HELP {name} {help_text}")
+        self.lines.append(f"# TYPE {name} {kind}")
+
+    def sample(self, name: str, labels: dict[str, str], value: float) -> None:
+        self._line(name, _labels(labels), value)
+
+    def _line(self, name: str, labels: str, value: float) -> None:
+        if labels:
+            self.lines.append(f"{name}{{{labels}}} {_number(value)}")
+        else:
+            self.lines.append(f"{name} {_number(value)}")
+
+    def metric(
+        self, name: str, kind: str, help_text: str, samples: Iterable[tuple[dict, float]]
     ) -> None:
-        """``model_names(key) -> v2 model name``; ``request_stats``: the /v1 counters."""
-        self.stats = stats
-        self.request_stats = request_stats
-        self.dispatcher = dispatcher
-        self.model_names = model_names
+        self.family(name, kind, help_text)
+        for labels, value in samples:
+            self.sample(name, labels, value)
 
-    def collect(self) -> Iterable[Any]:
-        from prometheus_client.core import (
-            CounterMetricFamily,
-            GaugeMetricFamily,
-            HistogramMetricFamily,
-        )
+    def histogram(
+        self,
+        name: str,
+        help_text: str,
+        series: Iterable[tuple[dict, list[tuple[float, int]], float]],
+    ) -> None:
+        """``series``: (labels, [(upper bound, cumulative count)...ending at +Inf], sum)."""
+        self.family(name, "histogram", help_text)
+        for labels, buckets, total in series:
+            base = _labels(labels)
+            prefix = f"{base}," if base else ""
+            for bound, count in buckets:
+                self._line(f"{name}_bucket", f'{prefix}le="{_bound(bound)}"', count)
+            self._line(f"{name}_sum", base, total)
+            self._line(f"{name}_count", base, buckets[-1][1] if buckets else 0)
 
-        labels = ["model", "version"]
-        success = CounterMetricFamily(
-            "nv_inference_request_success", "Successful inference requests", labels=labels
-        )
-        failure = CounterMetricFamily(
-            "nv_inference_request_failure",
-            "Failed inference requests, by reason",
-            labels=[*labels, "reason"],
-        )
-        count = CounterMetricFamily(
-            "nv_inference_count", "Inferences performed (rows or request elements)", labels=labels
-        )
-        executions = CounterMetricFamily(
-            "nv_inference_exec_count", "Model executions (batches for engine models)", labels=labels
-        )
-        duration = CounterMetricFamily(
-            "nv_inference_request_duration_us", "Cumulative request duration", labels=labels
-        )
-        queue = CounterMetricFamily(
-            "nv_inference_queue_duration_us", "Cumulative queueing duration", labels=labels
-        )
-        compute = CounterMetricFamily(
-            "nv_inference_compute_infer_duration_us", "Cumulative compute duration", labels=labels
-        )
-        pending = GaugeMetricFamily(
-            "nv_inference_pending_request_count", "Requests in the server now", labels=labels
-        )
-        engines = self.dispatcher.engine_stats()
-        engine_models: dict[str, list[Any]] = {}
-        for engine in engines:
-            for key, model in engine.models.items():
-                engine_models.setdefault(key, []).append(model)
-        for key, requests in self.stats.models.items():
-            if key in engine_models:
-                continue  # engine models: the engines' counters below include these requests
-            name = [self.model_names(key), "1"]
-            success.add_metric(name, requests.success)
-            for reason, n in requests.failures.items():
-                failure.add_metric([*name, reason], n)
-            count.add_metric(name, requests.inference_count)
-            executions.add_metric(name, requests.execution_count)
-            duration.add_metric(name, (requests.success_ns + requests.fail_ns) / 1000)
-            queue.add_metric(name, requests.queue_ns / 1000)
-            compute.add_metric(name, requests.compute_ns / 1000)
-            pending.add_metric(name, requests.pending)
-        batch_size = HistogramMetricFamily(
-            "splitserve_batch_size", "Rows per batch, per engine model", labels=["model"]
-        )
-        busy = CounterMetricFamily(
-            "splitserve_engine_busy_seconds",
-            "Seconds an engine spent computing (busy fraction = rate)",
-            labels=["engine"],
-        )
-        for key, models in sorted(engine_models.items()):
-            name = [self.model_names(key), "1"]
-            requests = self.stats.models.get(key, ModelRequests())
-            success.add_metric(name, requests.success)
-            for reason, n in requests.failures.items():
-                failure.add_metric([*name, reason], n)
-            duration.add_metric(name, (requests.success_ns + requests.fail_ns) / 1000)
-            pending.add_metric(name, requests.pending)
-            count.add_metric(name, sum(m.rows for m in models))
-            executions.add_metric(name, sum(m.batches for m in models))
-            queue.add_metric(name, sum(m.queue_ms_sum for m in models) * 1000)
-            compute.add_metric(name, sum(m.busy_s for m in models) * 1e6)
-            sizes: Counter[int] = Counter()
-            for m in models:
-                sizes.update(m.batch_sizes)
-            batch_size.add_metric(
-                [name[0]], _cumulative(sizes), sum(s * n for s, n in sizes.items())
-            )
-        for engine in engines:
-            busy.add_metric([str(engine.index)], engine.busy_s)
-        yield from (success, failure, count, executions, duration, queue, compute, pending)
-        yield batch_size
-        yield busy
-        yield from self._splitserve_metrics(engines)
-        yield from _gpu_metrics()
+    def text(self) -> bytes:
+        return ("\n".join(self.lines) + "\n").encode()
 
-    def _splitserve_metrics(self, engines: list[EngineStats]) -> Iterable[Any]:
-        from prometheus_client.core import (
-            CounterMetricFamily,
-            GaugeMetricFamily,
-            HistogramMetricFamily,
-        )
 
-        stages = HistogramMetricFamily(
-            "splitserve_stage_duration_ms",
-            "Time per stage of a request (front queue, worker, awaiting engines, "
-            "engine queue, engine compute)",
-            labels=["stage"],
-        )
-        for stage, hist in self.stats.stages.items():
-            buckets = []
-            running = 0
-            for bound, n in zip((*STAGE_BUCKETS_MS, float("inf")), hist.counts, strict=True):
-                running += n
-                buckets.append([_bound(bound), running])
-            stages.add_metric([stage], buckets, hist.total)
-        yield stages
-        by_status = CounterMetricFamily(
-            "splitserve_requests", "Answers by HTTP status (/v1 and /v2)", labels=["status"]
-        )
-        for status, n in self.request_stats.by_status.items():
-            by_status.add_metric([status], n)
-        yield by_status
-        shed = CounterMetricFamily("splitserve_shed_requests", "Requests refused with 503")
-        shed.add_metric([], self.request_stats.by_status.get("503", 0))
-        yield shed
-        expired = CounterMetricFamily(
-            "splitserve_deadline_exceeded_requests", "Requests that ran out of time (504)"
-        )
-        expired.add_metric([], self.request_stats.by_status.get("504", 0))
-        yield expired
-        state = getattr(self.dispatcher, "state", None)
-        restarts = CounterMetricFamily(
-            "splitserve_restarts", "Child processes restarted, by role", labels=["role"]
-        )
-        for role, n in (getattr(state, "restarts", None) or {}).items():
-            restarts.add_metric([role], n)
-        yield restarts
-        shm = GaugeMetricFamily(
-            "splitserve_shared_memory_bytes",
-            "Shared memory allocated by each engine's pool",
-            labels=["engine"],
-        )
-        for engine in engines:
-            shm.add_metric([str(engine.index)], engine.shm_bytes)
-        yield shm
+def _labels(labels: dict[str, str]) -> str:
+    return ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items())
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _number(value: float) -> str:
+    if isinstance(value, int):
+        return str(value)
+    return repr(float(value)) if value == value else "NaN"
 
 
 def _bound(value: float) -> str:
     return "+Inf" if value == float("inf") else repr(float(value))
 
 
-def _cumulative(sizes: Counter[int]) -> list[list[Any]]:
-    """Histogram buckets over batch sizes 1, 2, 4, ... 1024, +Inf."""
+BATCH_BOUNDS = (*(float(2**i) for i in range(11)), float("inf"))  # batch sizes 1 ... 1024
+
+
+def render_metrics(
+    stats: InferenceStats,
+    request_stats: Any,
+    dispatcher: Any,
+    model_name: Callable[[str], str],
+) -> bytes:
+    """The whole exposition, from what the front holds (no call to another process)."""
+    out = Exposition()
+    engines: list[EngineStats] = dispatcher.engine_stats()
+    by_model: dict[str, list[Any]] = {}
+    for engine in engines:
+        for key, model in engine.models.items():
+            by_model.setdefault(key, []).append(model)
+    keys = sorted(set(stats.models) | set(by_model))
+    rows = []  # (labels, requests as the front saw them, the engines' counters or None)
+    for key in keys:
+        labels = {"model": model_name(key), "version": "1"}
+        rows.append((labels, stats.models.get(key, ModelRequests()), by_model.get(key)))
+
+    def per_model(pick: Callable[[ModelRequests, list[Any] | None], float]) -> list:
+        return [(labels, pick(requests, engine)) for labels, requests, engine in rows]
+
+    out.metric(
+        "nv_inference_request_success",
+        "counter",
+        "Successful inference requests",
+        per_model(lambda r, e: r.success),
+    )
+    out.metric(
+        "nv_inference_request_failure",
+        "counter",
+        "Failed inference requests, by reason",
+        [
+            ({**labels, "reason": reason}, n)
+            for labels, requests, _ in rows
+            for reason, n in sorted(requests.failures.items())
+        ],
+    )
+    # Engine models: the engines' counters, which include the calls services make.
+    out.metric(
+        "nv_inference_count",
+        "counter",
+        "Inferences performed (rows for engine models, request elements for services)",
+        per_model(lambda r, e: sum(m.rows for m in e) if e else r.inference_count),
+    )
+    out.metric(
+        "nv_inference_exec_count",
+        "counter",
+        "Model executions (batches for engine models, requests for services)",
+        per_model(lambda r, e: sum(m.batches for m in e) if e else r.execution_count),
+    )
+    out.metric(
+        "nv_inference_request_duration_us",
+        "counter",
+        "Cumulative request duration (front to answer)",
+        per_model(lambda r, e: (r.success_ns + r.fail_ns) / 1000),
+    )
+    out.metric(
+        "nv_inference_queue_duration_us",
+        "counter",
+        "Cumulative queueing duration (front queue and engine queue)",
+        per_model(lambda r, e: sum(m.queue_ms_sum for m in e) * 1000 if e else r.queue_ns / 1000),
+    )
+    out.metric(
+        "nv_inference_compute_infer_duration_us",
+        "counter",
+        "Cumulative compute duration (in the engines)",
+        per_model(lambda r, e: sum(m.busy_s for m in e) * 1e6 if e else r.compute_ns / 1000),
+    )
+    out.metric(
+        "nv_inference_pending_request_count",
+        "gauge",
+        "Requests received and not answered yet",
+        per_model(lambda r, e: r.pending),
+    )
+    out.histogram(
+        "splitserve_batch_size",
+        "Rows per batch, per engine model",
+        [
+            (
+                {"model": model_name(key)},
+                _cumulative(models),
+                float(sum(s * n for m in models for s, n in m.batch_sizes.items())),
+            )
+            for key, models in sorted(by_model.items())
+        ],
+    )
+    out.histogram(
+        "splitserve_stage_duration_ms",
+        "Time per stage of a request (front queue, CPU worker, awaiting engines, "
+        "engine queue, engine compute)",
+        [({"stage": stage}, _running(hist), hist.total) for stage, hist in stats.stages.items()],
+    )
+    out.metric(
+        "splitserve_engine_busy_seconds_total",
+        "counter",
+        "Seconds each engine spent computing (its rate is the busy fraction)",
+        [({"engine": str(e.index)}, e.busy_s) for e in engines],
+    )
+    by_status = request_stats.by_status
+    out.metric(
+        "splitserve_requests_total",
+        "counter",
+        "Answers by HTTP status (/v1 and /v2, gRPC as the equivalent status)",
+        [({"status": status}, n) for status, n in sorted(by_status.items())],
+    )
+    out.metric(
+        "splitserve_shed_requests_total",
+        "counter",
+        "Requests refused with 503 (could not be served in time, shutting down)",
+        [({}, by_status.get("503", 0))],
+    )
+    out.metric(
+        "splitserve_cancelled_requests_total",
+        "counter",
+        "Requests whose work was cancelled: deadline passed (504) or client gone (499)",
+        [({}, by_status.get("504", 0) + by_status.get("499", 0))],
+    )
+    state = getattr(dispatcher, "state", None)
+    out.metric(
+        "splitserve_restarts_total",
+        "counter",
+        "Child processes restarted by the supervisor, by role",
+        [
+            ({"role": role}, n)
+            for role, n in sorted((getattr(state, "restarts", None) or {}).items())
+        ],
+    )
+    out.metric(
+        "splitserve_shared_memory_bytes",
+        "gauge",
+        "Shared memory allocated by each engine's pool",
+        [({"engine": str(e.index)}, e.shm_bytes) for e in engines],
+    )
+    _gpu_metrics(out)
+    return out.text()
+
+
+def _running(hist: Histogram) -> list[tuple[float, int]]:
     buckets = []
-    for bound in (*(2**i for i in range(11)), float("inf")):
-        buckets.append([_bound(bound), sum(n for s, n in sizes.items() if s <= bound)])
+    running = 0
+    for bound, n in zip((*STAGE_BUCKETS_MS, float("inf")), hist.counts, strict=True):
+        running += n
+        buckets.append((float(bound), running))
     return buckets
 
 
-def _gpu_metrics() -> Iterable[Any]:
-    """NVML utilisation and memory per GPU; nothing without a GPU or pynvml."""
-    try:
-        import pynvml
+def _cumulative(models: list[Any]) -> list[tuple[float, int]]:
+    sizes: Counter[int] = Counter()
+    for model in models:
+        sizes.update(model.batch_sizes)
+    return [(bound, sum(n for s, n in sizes.items() if s <= bound)) for bound in BATCH_BOUNDS]
 
-        pynvml.nvmlInit()
+
+_nvml: list[Any] = []  # [pynvml] once initialised; [None] where there is no GPU
+
+
+def _gpu_metrics(out: Exposition) -> None:
+    """NVML utilisation and memory per GPU; nothing without a GPU or pynvml (tried once)."""
+    if not _nvml:
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            _nvml.append(pynvml)
+        except Exception:
+            _nvml.append(None)
+    pynvml = _nvml[0]
+    if pynvml is None:
+        return
+    try:
+        count = pynvml.nvmlDeviceGetCount()
     except Exception:
         return
-    from prometheus_client.core import GaugeMetricFamily
-
-    utilisation = GaugeMetricFamily("nv_gpu_utilization", "GPU utilisation (0-1)", labels=["gpu"])
-    used = GaugeMetricFamily("nv_gpu_memory_used_bytes", "GPU memory used", labels=["gpu"])
-    total = GaugeMetricFamily("nv_gpu_memory_total_bytes", "GPU memory", labels=["gpu"])
-    for index in range(pynvml.nvmlDeviceGetCount()):
+    utilisation, used, total = [], [], []
+    for index in range(count):
         handle = pynvml.nvmlDeviceGetHandleByIndex(index)
         memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
-        utilisation.add_metric([str(index)], pynvml.nvmlDeviceGetUtilizationRates(handle).gpu / 100)
-        used.add_metric([str(index)], memory.used)
-        total.add_metric([str(index)], memory.total)
-    yield from (utilisation, used, total)
+        labels = {"gpu_uuid": str(pynvml.nvmlDeviceGetUUID(handle))}
+        utilisation.append((labels, pynvml.nvmlDeviceGetUtilizationRates(handle).gpu / 100))
+        used.append((labels, memory.used))
+        total.append((labels, memory.total))
+    out.metric("nv_gpu_utilization", "gauge", "GPU utilization rate [0.0 - 1.0)", utilisation)
+    out.metric("nv_gpu_memory_used_bytes", "gauge", "GPU used memory, in bytes", used)
+    out.metric("nv_gpu_memory_total_bytes", "gauge", "GPU total memory, in bytes", total)
+
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 def metrics_route(stats: InferenceStats, request_stats: Any, dispatcher: Any) -> Any:
     """``GET /metrics``: the Prometheus text format, computed at each scrape."""
-    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
     from starlette.responses import Response
     from starlette.routing import Route
 
     def model_name(key: str) -> str:
         return key.replace("/", ".")  # "service/model" -> the v2 model "service.model"
 
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(MetricsCollector(stats, request_stats, dispatcher, model_name))
-
     async def metrics(_: Any) -> Response:
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+        body = render_metrics(stats, request_stats, dispatcher, model_name)
+        return Response(body, media_type=CONTENT_TYPE)
 
     return Route("/metrics", metrics, methods=["GET"])
