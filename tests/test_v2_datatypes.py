@@ -32,7 +32,7 @@ NUMERIC = {
 def test_numeric_round_trips(datatype: str) -> None:
     arr = (np.arange(6) % 3).astype(NUMERIC[datatype]).reshape(2, 3)
     assert datatypes.datatype_name(arr.dtype) == datatype
-    raw = datatypes.from_raw("t", datatype, [2, 3], datatypes.to_raw(arr))
+    raw = datatypes.from_raw("t", datatype, [2, 3], bytes(datatypes.to_raw(arr)))
     np.testing.assert_array_equal(raw, arr)
     assert raw.dtype == arr.dtype
     parsed = datatypes.from_json("t", datatype, [2, 3], datatypes.to_json(arr))
@@ -43,7 +43,7 @@ def test_numeric_round_trips(datatype: str) -> None:
 def test_bf16_is_binary_only() -> None:
     arr = np.array([1.5, -2.0], dtype=ml_dtypes.bfloat16)
     assert datatypes.datatype_name(arr.dtype) == "BF16"
-    back = datatypes.from_raw("t", "BF16", [2], datatypes.to_raw(arr))
+    back = datatypes.from_raw("t", "BF16", [2], bytes(datatypes.to_raw(arr)))
     assert back.dtype == arr.dtype and back.astype(np.float32).tolist() == [1.5, -2.0]
     with pytest.raises(BadRequest, match="binary"):
         datatypes.from_json("t", "BF16", [2], [1.5, -2.0])

@@ -250,7 +250,7 @@ class InferenceServicer:
                 response.outputs.add(
                     name=name, datatype=datatypes.datatype_name(arr.dtype), shape=arr.shape
                 )
-                response.raw_output_contents.append(datatypes.to_raw(arr))
+                response.raw_output_contents.append(bytes(datatypes.to_raw(arr)))
             status = 200
             first = next(iter(inputs.values()))
             count = int(first.shape[0]) if entry.engine_model and first.ndim else first.size
