@@ -14,6 +14,7 @@ The service handlers are registered generically, so no ``_pb2_grpc`` module is n
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import logging
@@ -255,6 +256,9 @@ class InferenceServicer:
             first = next(iter(inputs.values()))
             count = int(first.shape[0]) if entry.engine_model and first.ndim else first.size
             return response
+        except asyncio.CancelledError:  # the client cancelled: the jobs started are cancelled
+            status = 499
+            raise
         except Exception as exc:
             if not isinstance(exc, ServiceError):
                 log.exception("gRPC inference on %s failed", entry.name)
