@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: serve test lint clean protos kserve-venv
+.PHONY: serve dev test lint clean protos kserve-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -16,9 +16,12 @@ serve: $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[ocr]'
 	$(BIN)/splitserve serve examples.ocr.service:OCRService --host $(HOST) --port $(PORT)
 
-# Install everything the tests need, then run the whole suite.
-test: $(BIN)/python kserve-venv
+# Everything the tests, the linters and the examples need.
+dev: $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[ocr,build,bench,dev]'
+
+# Install everything the tests need, then run the whole suite.
+test: dev kserve-venv
 	$(BIN)/python examples/noop/make_model.py
 	$(BIN)/python -m pytest -q
 
@@ -36,9 +39,11 @@ $(KSERVE_VENV)/installed:
 protos: $(BIN)/python
 	cd src/splitserve/protocol/grpc_v2 && $(CURDIR)/$(BIN)/python -m grpc_tools.protoc -I. --python_out=. inference.proto
 
-lint: $(BIN)/python
+# Style, formatting, and the package layering (pyproject.toml [tool.importlinter]).
+lint: dev
 	$(BIN)/ruff check src tests examples benchmarks
 	$(BIN)/ruff format --check src tests examples benchmarks
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf $(VENV) $(KSERVE_VENV) build *.egg-info src/*.egg-info tests/_models examples/noop/identity.onnx

@@ -14,8 +14,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from splitserve.replies import TIMINGS_HEADER, Reply, timings_header
 from splitserve.runtime.inprocess import InProcessService
-from splitserve.runtime.invoke import TIMINGS_HEADER, Reply, timings_header
 
 ROUTE = "/v1/services/ocr"
 HEALTH = "/health/ready"

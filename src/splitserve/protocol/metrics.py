@@ -22,8 +22,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from splitserve.runtime.messages import EngineStats
-from splitserve.runtime.stats import STAGES
+from splitserve.stats import STAGES, EngineStats
 
 # Upper bounds (ms) of the stage-time histograms.
 STAGE_BUCKETS_MS = (0.25, 0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)

@@ -27,7 +27,7 @@ import numpy as np
 
 from splitserve.errors import BadRequest, NotFound, ServiceError, Unavailable
 from splitserve.protocol.datatypes import datatype_name
-from splitserve.runtime.invoke import Reply
+from splitserve.replies import Reply
 from splitserve.tensors import (
     BUNDLE_CONTENT_TYPE,
     BundleError,

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import msgspec
 
+from splitserve.stats import EngineStats
+
 
 class TensorRef(msgspec.Struct, array_like=True, frozen=True):
     """Where a tensor's bytes are: payload frame ``frame``, or a shared-memory segment."""
@@ -125,41 +127,6 @@ class ChildReady(msgspec.Struct, tag="ready", array_like=True):
     role: str
     index: int
     pid: int
-
-
-class TensorInfo(msgspec.Struct, array_like=True, frozen=True):
-    """A model input or output as its engine loaded it (-1: a dynamic axis)."""
-
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-
-
-class ModelStats(msgspec.Struct, array_like=True):
-    backend: str
-    simulated: bool = False
-    batches: int = 0
-    rows: int = 0
-    busy_s: float = 0.0
-    queue_ms_sum: float = 0.0
-    batch_sizes: dict[int, int] = {}
-    # The model's signature, for protocol v2 metadata (the front loads no model).
-    inputs: list[TensorInfo] = []
-    outputs: list[TensorInfo] = []
-
-
-class EngineStats(msgspec.Struct, tag="engine_stats", array_like=True):
-    """One engine process's counters, sent to the supervisor every second."""
-
-    index: int
-    pid: int
-    uptime_s: float
-    models: dict[str, ModelStats]
-    shm_bytes: int = 0  # this engine's shared-memory pool, allocated
-
-    @property
-    def busy_s(self) -> float:
-        return sum(m.busy_s for m in self.models.values())
 
 
 class ServerState(msgspec.Struct, tag="state", array_like=True):
