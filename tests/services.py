@@ -49,26 +49,31 @@ class Echo(splitserve.Service):
     """JSON {"values": [...], "rows": k, "sleep_ms": t, "crash": bool} -> the values back.
 
     ``rows`` repeats the values as k rows of one request; ``sleep_ms`` busies the CPU
-    worker; ``crash`` ends the worker process abruptly, as a segfault would.
+    worker; ``crash`` ends the worker process abruptly, as a segfault would. Anything
+    else malformed is a 4xx.
     """
 
     name = "echo"
     model = splitserve.Model(str(MODEL_DIR / "identity.onnx"), max_batch_size=8, max_delay_ms=20)
+    max_rows = 64
 
     def preprocess(self, request: splitserve.Request) -> dict[str, np.ndarray]:
         if not request.is_json:
             if not request.body or len(request.body) % 4:
                 raise splitserve.BadRequest("raw body must be float32 values")
             return {"x": np.frombuffer(request.body, dtype=np.float32)[None, :]}
-        values = request.json_field("values", list)
+        values = request.json_array("values", np.float32, ndim=1)
         doc = request.json()
         if doc.get("crash"):
             os._exit(3)
-        if doc.get("sleep_ms"):
-            time.sleep(doc["sleep_ms"] / 1000)
-        rows = int(doc.get("rows", 1))
-        arr = np.asarray(values, dtype=np.float32)
-        return {"x": np.repeat(arr[None, :], rows, axis=0)}
+        sleep_ms = doc.get("sleep_ms", 0)
+        if not isinstance(sleep_ms, int | float) or isinstance(sleep_ms, bool) or sleep_ms < 0:
+            raise splitserve.Unprocessable("'sleep_ms' must be a number >= 0")
+        time.sleep(sleep_ms / 1000)
+        rows = doc.get("rows", 1)
+        if type(rows) is not int or not 1 <= rows <= self.max_rows:
+            raise splitserve.Unprocessable(f"'rows' must be an integer from 1 to {self.max_rows}")
+        return {"x": np.repeat(values[None, :], rows, axis=0)}
 
     def postprocess(self, outputs: splitserve.Tensors, request: splitserve.Request) -> Any:
         y = outputs["y"]
@@ -105,7 +110,7 @@ class Pipeline(splitserve.Service):
     }
 
     async def handle(self, request: splitserve.Request, infer) -> Any:
-        values = np.asarray(request.json_field("values", list), dtype=np.float32)[None, :]
+        values = request.json_array("values", np.float32, ndim=1)[None, :]
         first = await infer("first", {"x": values})
         second = await infer("second", {"x": first["y"] * 2})
         return {"values": second["y"][0].tolist()}
@@ -134,6 +139,25 @@ class Misbehave(splitserve.Service):
         return {"ok": True}
 
 
+class ImageStats(splitserve.Service):
+    """An image (raw bytes, or JSON {"image": base64}) -> its size and mean BGR colour.
+
+    The numbers go through the identity model, so every image request crosses an engine.
+    """
+
+    name = "image_stats"
+    model = splitserve.Model(str(MODEL_DIR / "identity.onnx"), max_batch_size=8, max_delay_ms=5)
+
+    def preprocess(self, request: splitserve.Request) -> dict[str, np.ndarray]:
+        img = request.image()
+        mean_bgr = img.reshape(-1, 3).mean(axis=0)
+        return {"x": np.array([[*img.shape[:2], *mean_bgr]], dtype=np.float32)}
+
+    def postprocess(self, outputs: splitserve.Tensors, request: splitserve.Request) -> Any:
+        height, width, *mean_bgr = outputs["y"][0].tolist()
+        return {"width": int(width), "height": int(height), "mean_bgr": mean_bgr}
+
+
 class SensitiveFp16(splitserve.Service):
     """JSON {"x": [[16 floats], ...]} -> {"y": ...} from an fp16 engine built on start.
 
@@ -150,7 +174,7 @@ class SensitiveFp16(splitserve.Service):
     )
 
     def preprocess(self, request: splitserve.Request) -> dict[str, np.ndarray]:
-        return {"x": np.asarray(request.json_field("x", list), dtype=np.float32)}
+        return {"x": request.json_array("x", np.float32, ndim=2)}
 
     def postprocess(self, outputs: dict[str, np.ndarray], request: splitserve.Request) -> Any:
         return {"y": outputs["y"].tolist()}

@@ -60,6 +60,12 @@ WIDTH_HEIGHT_RATIO = 8
 MAX_SIDE_LEN = 2000
 MIN_SIDE_LEN = 30
 DET_LIMIT_SIDE_LEN = 736  # limit_type "min"
+# Ours: the most pixels detection may run on. Upstream scales the shorter side up to
+# 736 px and letterboxes only wide images, so a tall narrow one grows without bound: a
+# 3x300 px image becomes a 736x69184 input, 600 MB of tensor and about 40 s of engine
+# time here for one request. Pages of ordinary shapes stay within 2000x2000; twice that
+# still admits tall strips up to about 1:15. Larger ones are refused (422).
+DET_MAX_PIXELS = 2 * MAX_SIDE_LEN * MAX_SIDE_LEN
 DET_POSTPROCESS = {
     "thresh": 0.3,
     "box_thresh": 0.5,
@@ -232,6 +238,7 @@ class OCRService(Service):
                 f"image of {raw_w}x{raw_h} pixels has too extreme an aspect ratio for OCR"
             ) from None
         img, pad_top = self._letterbox(img)
+        self._check_detection_size(img, raw_w, raw_h)
 
         boxes = await self._detect(img, infer)
         if not boxes:
@@ -275,6 +282,19 @@ class OCRService(Service):
             pad = int(abs(new_h - h) / 2)
             return self._img_ops.add_round_letterbox(img, (pad, pad, 0, 0)), pad
         return img, 0
+
+    @staticmethod
+    def _check_detection_size(img: np.ndarray, raw_w: int, raw_h: int) -> None:
+        """422 when detection would run on more than ``DET_MAX_PIXELS`` (DetPreProcess's
+        "min" scaling, before its rounding to multiples of 32)."""
+        h, w = img.shape[:2]
+        scale = max(1.0, DET_LIMIT_SIDE_LEN / min(h, w))
+        det_w, det_h = round(w * scale), round(h * scale)
+        if det_w * det_h > DET_MAX_PIXELS:
+            raise Unprocessable(
+                f"image of {raw_w}x{raw_h} pixels is too narrow for OCR: text detection would "
+                f"run on {det_w}x{det_h} pixels, above the limit of {DET_MAX_PIXELS}"
+            )
 
     async def _detect(self, img: np.ndarray, infer: InferFn) -> list[np.ndarray]:
         """TextDetector + RapidOCR.sorted_boxes: text boxes in letterboxed coordinates."""

@@ -7,17 +7,22 @@ and calls ``infer`` to have an engine process run them.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import functools
 import importlib
 import importlib.util
 import io
-import json
+import struct
 import sys
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+import msgspec
 import numpy as np
+from numpy.typing import DTypeLike
 
 from splitserve.errors import BadRequest, PayloadTooLarge, Unprocessable, UnsupportedMediaType
 from splitserve.importing import add_working_directory_to_path
@@ -102,7 +107,11 @@ class Model:
 
 
 class Request:
-    """One HTTP request as user code sees it: the raw body plus helpers to decode it."""
+    """One HTTP request as user code sees it: the raw body plus helpers to decode it.
+
+    Every helper turns bad input into a ``ServiceError`` with a 4xx status and a message
+    for the client, so a service built on them answers garbage with a clear error.
+    """
 
     __slots__ = ("_json", "body", "content_type", "headers", "max_image_pixels")
 
@@ -117,19 +126,33 @@ class Request:
         self.content_type = content_type
         self.headers = dict(headers or {})
         self.max_image_pixels = max_image_pixels
-        self._json: Any = None
+        self._json: Any = _UNPARSED
+
+    @property
+    def media_type(self) -> str:
+        """The content type without its parameters, lower case (``application/json``)."""
+        return self.content_type.partition(";")[0].strip().lower()
 
     @property
     def is_json(self) -> bool:
-        return self.content_type.split(";")[0].strip().lower() == "application/json"
+        media_type = self.media_type
+        return media_type == "application/json" or media_type.endswith("+json")
 
     def json(self) -> Any:
-        """The body parsed as JSON (400 when it is not JSON)."""
-        if self._json is None:
+        """The body parsed as JSON (400 when it is not JSON, or nested too deeply).
+
+        msgspec parses strict RFC 8259 (no NaN, no lone surrogates, which would fail
+        later when a result echoes them), and raises ``RecursionError`` past the
+        interpreter's recursion limit (about a thousand levels), long before the C stack
+        could overflow: that is a 400 too.
+        """
+        if self._json is _UNPARSED:
             try:
-                self._json = json.loads(self.body)
-            except (ValueError, UnicodeDecodeError) as exc:
+                self._json = _json_decoder.decode(self.body.removeprefix(_UTF8_BOM))
+            except msgspec.DecodeError as exc:
                 raise BadRequest(f"body is not valid JSON: {exc}") from None
+            except RecursionError:
+                raise BadRequest("JSON body is nested too deeply to parse") from None
         return self._json
 
     def json_field(self, name: str, kind: type | tuple[type, ...]) -> Any:
@@ -144,21 +167,46 @@ class Request:
             raise Unprocessable(f"JSON field {name!r} has the wrong type {type(value).__name__}")
         return value
 
+    def json_array(
+        self, name: str, dtype: DTypeLike = np.float32, ndim: int | None = None
+    ) -> np.ndarray:
+        """A required field holding numbers (nested lists of equal lengths) as an array.
+
+        422 unless the lists are rectangular, with ``ndim`` dimensions when given, and
+        hold numbers: strings, nulls, objects and lists of only booleans are refused.
+        """
+        values = self.json_field(name, list)
+        try:
+            arr = np.asarray(values)
+        except (ValueError, TypeError, OverflowError, RecursionError):
+            arr = None
+        if arr is None or (arr.dtype.kind not in "iuf" and arr.size > 0):
+            raise Unprocessable(
+                f"JSON field {name!r} must hold numbers, in nested lists of equal lengths"
+            )
+        if ndim is not None and arr.ndim != ndim:
+            raise Unprocessable(
+                f"JSON field {name!r} must have {ndim} dimension(s), got shape {list(arr.shape)}"
+            )
+        with np.errstate(over="ignore"):  # a value beyond the dtype's range saturates (inf)
+            return arr.astype(dtype, copy=False)
+
     def image_bytes(self) -> bytes:
         """The encoded image: the raw body, or base64 in a JSON body's ``image`` field."""
         if self.is_json:
-            import base64
-            import binascii
-
             text = self.json_field("image", str)
             try:
-                return base64.b64decode(text, validate=True)
+                data = base64.b64decode(text, validate=True)
             except (binascii.Error, ValueError) as exc:
                 raise Unprocessable(f"JSON field 'image' is not valid base64: {exc}") from None
-        if self.content_type.startswith("text/"):
+            if not data:
+                raise Unprocessable("JSON field 'image' is empty: expected a base64 image")
+            return data
+        media_type = self.media_type
+        if media_type.startswith(("text/", "multipart/")) or media_type in _FORM_TYPES:
             raise UnsupportedMediaType(
                 f"content type {self.content_type!r} is not an image; send the image bytes "
-                'or JSON {"image": <base64>}'
+                'as the body, or JSON {"image": <base64>}'
             )
         return self.body
 
@@ -166,38 +214,124 @@ class Request:
         """Decode the image (HxWx3 uint8, BGR by default, as OpenCV code expects).
 
         The pixel count is checked from the header before any pixel is decoded, so a
-        decompression bomb costs nothing; a truncated or unreadable file is a 400.
+        decompression bomb costs nothing (413); a truncated, corrupt or unknown file is
+        a 400. See ``decode_image`` for how odd images are read.
         """
         return decode_image(self.image_bytes(), self.max_image_pixels, mode)
 
 
+_UNPARSED = object()  # Request._json before the body is parsed (the body may be `null`)
+_UTF8_BOM = b"\xef\xbb\xbf"  # tolerated before a JSON body, as the json module does
+_json_decoder = msgspec.json.Decoder()
+_FORM_TYPES = frozenset({"application/x-www-form-urlencoded"})
+
+# The formats a request image may be in: the common raster formats. Pillow opens many
+# more, but the rarely used decoders are attack surface with little use in serving
+# (EPS even runs Ghostscript; AVIF's decoder raises RuntimeError on corrupt files), so
+# their files are refused as unrecognised.
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "PPM")
+
+# What Pillow raises for malformed data while identifying or decoding a file, besides
+# UnidentifiedImageError (an OSError), DecompressionBombError and MemoryError: its own
+# fuzzing tests accept OSError, SyntaxError, ValueError, NotImplementedError and
+# OverflowError; its plugins also let EOFError, struct.error, IndexError, KeyError,
+# TypeError and ZeroDivisionError escape on crafted headers.
+_PILLOW_DATA_ERRORS = (
+    OSError,
+    SyntaxError,
+    ValueError,
+    NotImplementedError,
+    OverflowError,
+    EOFError,
+    struct.error,
+    IndexError,
+    KeyError,
+    TypeError,
+    ZeroDivisionError,
+)
+
+
+@functools.cache
+def _register_image_formats() -> None:
+    """Load the Pillow plugins of ``IMAGE_FORMATS``, and only those: ``Image.init()``
+    (what ``Image.open`` does for a format it has not loaded) imports all ~45 plugins,
+    +1.8 MiB in every CPU worker."""
+    from PIL import (  # noqa: F401
+        BmpImagePlugin,
+        GifImagePlugin,
+        JpegImagePlugin,
+        PngImagePlugin,
+        PpmImagePlugin,
+        TiffImagePlugin,
+        WebPImagePlugin,
+    )
+
+
+def _allow_pillow_pixels(max_pixels: int) -> None:
+    """Keep Pillow's own decompression-bomb limit from refusing what ours allows.
+
+    Pillow refuses files above twice ``Image.MAX_IMAGE_PIXELS`` (about 179 M pixels by
+    default) while opening them. Raised to at least our limit, its check only fires on
+    files that ours refuses too, and ``decode_image`` answers those with our 413.
+    """
+    from PIL import Image
+
+    if Image.MAX_IMAGE_PIXELS is not None and max_pixels > Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = max_pixels
+
+
 def decode_image(data: bytes, max_pixels: int, mode: str = "BGR") -> np.ndarray:
-    """Decode encoded image bytes into an array, with clear errors for bad input."""
+    """Decode encoded image bytes into an HxWx3 uint8 array, with 4xx errors for bad input.
+
+    Only the first frame of an animation or multi-page file is read. EXIF orientation
+    is not applied (pixels as stored, as OpenCV and RapidOCR read them). Alpha is
+    dropped; 16-bit grey keeps its high byte, as Pillow reads 16-bit colour; other modes
+    (CMYK, 1-bit, palette, 32-bit int, float) convert as Pillow converts them to RGB.
+    """
     from PIL import Image, UnidentifiedImageError
 
+    if mode not in ("BGR", "RGB"):
+        raise ValueError(f"mode must be 'BGR' or 'RGB', got {mode!r}")
     if not data:
         raise BadRequest("empty body: expected an encoded image")
+    _register_image_formats()
+    _allow_pillow_pixels(max_pixels)
+    img = None
     try:
-        img = Image.open(io.BytesIO(data))
-    except UnidentifiedImageError:
-        raise BadRequest("body is not a recognised image (JPEG, PNG, BMP, WebP, TIFF...)") from None
-    width, height = img.size
-    if width * height > max_pixels:
-        raise PayloadTooLarge(
-            f"image is {width}x{height} = {width * height} pixels, above the limit of {max_pixels}"
-        )
-    try:
+        img = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+        width, height = img.size
+        if width < 1 or height < 1:
+            raise BadRequest(f"image is {width}x{height} pixels: it has no pixels")
+        if width * height > max_pixels:
+            raise PayloadTooLarge(
+                f"image is {width}x{height} = {width * height} pixels, "
+                f"above the limit of {max_pixels}"
+            )
         img.load()
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise BadRequest(f"image could not be decoded ({img.format}): {exc}") from None
+        rgb = _rgb_pixels(img)
+    except UnidentifiedImageError:
+        raise BadRequest(f"body is not a recognised image ({', '.join(IMAGE_FORMATS)})") from None
+    except Image.DecompressionBombError as exc:
+        raise PayloadTooLarge(f"image is above the limit of {max_pixels} pixels: {exc}") from None
+    except MemoryError:
+        raise PayloadTooLarge("image needs more memory to decode than the server has") from None
+    except _PILLOW_DATA_ERRORS as exc:
+        what = "image" if img is None else f"{img.format} image"
+        raise BadRequest(f"{what} could not be decoded: {exc or type(exc).__name__}") from None
     if mode == "RGB":
-        return np.asarray(img.convert("RGB"))
-    if mode != "BGR":
-        raise ValueError(f"mode must be 'BGR' or 'RGB', got {mode!r}")
-    if img.mode in ("RGBA", "LA", "P"):
-        img = img.convert("RGBA").convert("RGB")
-    arr = np.asarray(img.convert("RGB"))
-    return np.ascontiguousarray(arr[:, :, ::-1])
+        return rgb
+    return np.ascontiguousarray(rgb[:, :, ::-1])
+
+
+def _rgb_pixels(img: Any) -> np.ndarray:
+    """A loaded Pillow image as an HxWx3 uint8 RGB array."""
+    from PIL import Image
+
+    if img.mode.startswith("I;16"):
+        img = Image.fromarray((np.asarray(img) >> 8).astype(np.uint8))
+    elif img.mode in ("RGBA", "LA", "PA", "P"):  # through RGBA: palette transparency too
+        img = img.convert("RGBA")
+    return np.asarray(img.convert("RGB"))
 
 
 class Service:
