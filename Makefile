@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: serve dev test lint clean
+.PHONY: serve dev test lint clean protos kserve-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,9 +21,23 @@ dev: $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[ocr,build,bench,dev]'
 
 # Install everything the tests need, then run the whole suite.
-test: dev
+test: dev kserve-venv
 	$(BIN)/python examples/noop/make_model.py
 	$(BIN)/python -m pytest -q
+
+# The KServe transformer of tests/test_v2_kserve.py runs in its own environment: kserve
+# pins protobuf below the version splitserve's generated gRPC messages need.
+KSERVE_VENV ?= .venv-kserve
+kserve-venv: $(KSERVE_VENV)/installed
+$(KSERVE_VENV)/installed:
+	$(PYTHON) -m venv $(KSERVE_VENV)
+	$(KSERVE_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(KSERVE_VENV)/bin/pip install --quiet 'kserve>=0.13'
+	touch $@
+
+# Regenerate the protocol v2 gRPC messages from their .proto (grpcio-tools, a dev tool).
+protos: $(BIN)/python
+	cd src/splitserve/protocol/grpc_v2 && $(CURDIR)/$(BIN)/python -m grpc_tools.protoc -I. --python_out=. inference.proto
 
 # Style, formatting, and the package layering (pyproject.toml [tool.importlinter]).
 lint: dev
@@ -32,4 +46,4 @@ lint: dev
 	$(BIN)/lint-imports
 
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info tests/_models examples/noop/identity.onnx
+	rm -rf $(VENV) $(KSERVE_VENV) build *.egg-info src/*.egg-info tests/_models examples/noop/identity.onnx

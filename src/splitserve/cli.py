@@ -34,6 +34,8 @@ def serve(cfg: ServerConfig) -> int:
     """
     configure_logging(cfg.log_level)
     check_port_free(cfg.host, cfg.port)  # before builds that may take minutes
+    if cfg.grpc_port:
+        check_port_free(cfg.host, cfg.grpc_port)
     try:
         services = Services.load(cfg.services, cfg.models)
     except (ImportError, ValueError, TypeError) as exc:  # a bad name or declaration

@@ -49,6 +49,9 @@ class ServerConfig:
     services: list[str] = _setting(list, "service classes as module:Class (or file.py:Class)")
     host: str = _setting("127.0.0.1", "address to listen on")
     port: int = _setting(8000, "HTTP port")
+    grpc_port: int = _setting(
+        0, "protocol v2 over gRPC on this port, same host (0: off; Triton uses 8001)"
+    )
     mode: str = _setting(
         "split",
         "split: front + CPU worker processes + engine processes; "

@@ -12,9 +12,18 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
+from collections.abc import Sequence
 from typing import Any
 
 import msgspec
+
+
+class TensorInfo(msgspec.Struct, array_like=True, frozen=True):
+    """A model input or output as its engine loaded it (-1: a dynamic axis)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
 
 
 class ModelStats(msgspec.Struct, array_like=True):
@@ -25,6 +34,9 @@ class ModelStats(msgspec.Struct, array_like=True):
     busy_s: float = 0.0
     queue_ms_sum: float = 0.0
     batch_sizes: dict[int, int] = {}
+    # The model's signature, for protocol v2 metadata (the front loads no model).
+    inputs: list[TensorInfo] = []
+    outputs: list[TensorInfo] = []
 
 
 class EngineStats(msgspec.Struct, tag="engine_stats", array_like=True):
@@ -34,6 +46,7 @@ class EngineStats(msgspec.Struct, tag="engine_stats", array_like=True):
     pid: int
     uptime_s: float
     models: dict[str, ModelStats]
+    shm_bytes: int = 0  # this engine's shared-memory pool, allocated
 
     @property
     def busy_s(self) -> float:
@@ -53,9 +66,18 @@ STAGES = {
 class ModelCounters:
     """Counts one model's batches; shared by its batch thread and the reporter."""
 
-    def __init__(self, backend: str, simulated: bool = False) -> None:
+    def __init__(
+        self,
+        backend: str,
+        simulated: bool = False,
+        inputs: Sequence[Any] = (),
+        outputs: Sequence[Any] = (),
+    ) -> None:
+        """``inputs``/``outputs``: the engine's TensorSpecs (name, dtype, shape)."""
         self.simulated = simulated
         self._stats = ModelStats(backend, simulated, batch_sizes={})
+        self._inputs = [_tensor_info(spec) for spec in inputs]
+        self._outputs = [_tensor_info(spec) for spec in outputs]
         self._sizes: Counter[int] = Counter()
         self._lock = threading.Lock()
 
@@ -79,7 +101,14 @@ class ModelCounters:
                 s.busy_s,
                 s.queue_ms_sum,
                 dict(self._sizes),
+                self._inputs,
+                self._outputs,
             )
+
+
+def _tensor_info(spec: Any) -> TensorInfo:
+    shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in spec.shape)
+    return TensorInfo(spec.name, str(spec.dtype), shape)
 
 
 class RequestStats:

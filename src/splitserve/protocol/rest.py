@@ -8,6 +8,8 @@ Routes:
   busy time) for load generators; see splitserve/stats.py.
 - ``GET /health/live``: the process answers. ``GET /health/ready``: every engine has
   loaded and warmed up, and at least one CPU worker is ready (503 until then).
+- ``/v2/...``: the Open Inference Protocol (protocol/v2.py); ``GET /metrics``:
+  Prometheus (protocol/metrics.py).
 
 The front does no user work: it checks the route and the body size, stamps a deadline
 and hands the request to a ``Dispatcher``.
@@ -36,6 +38,9 @@ from splitserve.errors import (
     ServiceError,
     Unauthorized,
 )
+from splitserve.protocol.grpc_server import with_grpc
+from splitserve.protocol.metrics import InferenceStats, metrics_route
+from splitserve.protocol.v2 import v2_routes
 from splitserve.replies import TIMINGS_HEADER, Reply, error_reply, timings_header
 from splitserve.stats import EngineStats, RequestStats
 
@@ -185,9 +190,11 @@ def create_app(
     """The ASGI app; ``catalogue`` maps service names to a description of their models."""
 
     request_stats = RequestStats()
+    inference_stats = InferenceStats()  # per model, for /v2 statistics and /metrics
 
     async def post_service(request: HttpRequest) -> Response:
         name = request.path_params["name"]
+        started = inference_stats.started(name) if name in catalogue else 0.0
         try:
             if name not in catalogue:
                 raise NotFound(f"no service named {name!r}; served: {sorted(catalogue)}")
@@ -200,6 +207,8 @@ def create_app(
         except ServiceError as exc:
             reply = error_reply(exc)
         request_stats.record(reply.status, reply.timings)
+        if name in catalogue:
+            inference_stats.finished(name, started, reply.status, reply.timings)
         return _response(reply)
 
     async def stats(_: HttpRequest) -> Response:
@@ -222,7 +231,10 @@ def create_app(
         Route("/v1/stats", stats, methods=["GET"]),
         Route("/health/live", live, methods=["GET"]),
         Route("/health/ready", ready, methods=["GET"]),
+        *v2_routes(dispatcher, cfg, catalogue, inference_stats, request_stats),
+        metrics_route(inference_stats, request_stats, dispatcher),
     ]
+    lifespan = with_grpc(lifespan, dispatcher, cfg, catalogue, inference_stats, request_stats)
     app = Starlette(routes=routes, lifespan=lifespan)
     return BearerAuth(app, cfg.auth_token) if cfg.auth_token else app
 

@@ -92,7 +92,9 @@ class ModelRunner(threading.Thread):
         self.deliver = deliver
         # Held while a batch computes on the host's cores (see EngineProcess).
         self.compute_slot = compute_slot if engine.on_host_cores else None
-        self.counters = ModelCounters(model.backend, engine.simulated)
+        self.counters = ModelCounters(
+            model.backend, engine.simulated, engine.inputs, engine.outputs
+        )
         self._stop = threading.Event()
 
     def stop(self) -> None:
@@ -268,12 +270,12 @@ class EngineProcess:
         """Send this engine's counters to the supervisor every ``interval_s``."""
         sender = ControlSender(self.run)
         started = time.monotonic()
-        while True:
-            await asyncio.sleep(interval_s)
+        while True:  # the first at once: the front learns the models' signatures from it
             models = {key: r.counters.snapshot() for key, r in self.runners.items()}
-            sender.send(
-                msg.EngineStats(self.index, os.getpid(), time.monotonic() - started, models)
-            )
+            uptime = time.monotonic() - started
+            shm = self.pool.total_bytes
+            sender.send(msg.EngineStats(self.index, os.getpid(), uptime, models, shm))
+            await asyncio.sleep(interval_s)
 
     async def on_channel(self, channel: chan.Channel) -> None:
         self.lent[channel] = set()

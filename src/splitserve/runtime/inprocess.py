@@ -61,7 +61,7 @@ class InProcessService:
             engine = create_engine(spec)
             engine.run_batch(engine.warmup_batch())
             limit = min(model.max_batch_size, engine.max_batch_size or model.max_batch_size)
-            counters = ModelCounters(model.backend, engine.simulated)
+            counters = ModelCounters(model.backend, engine.simulated, engine.inputs, engine.outputs)
             self.engines[model_name] = (engine, limit, counters)
         self.service = cls()
         self.service.setup()

@@ -139,6 +139,7 @@ class ServerState(msgspec.Struct, tag="state", array_like=True):
     engines: dict[int, int]
     workers: dict[int, int]
     engine_stats: list[EngineStats] = []
+    restarts: dict[str, int] = {}  # by role ("engine", "worker", "front")
 
     @property
     def ready(self) -> bool:

@@ -105,6 +105,10 @@ class Supervisor:
             engines={c.index: c.ready_pid for c in self.children if c.role == "engine"},
             workers={c.index: c.ready_pid for c in self.children if c.role == "worker"},
             engine_stats=list(self.engine_stats.values()),
+            restarts={
+                role: sum(c.restarts for c in self.children if c.role == role)
+                for role in ("engine", "worker", "front")
+            },
         )
         self.state_pub.send(msg.encode(state))
 
