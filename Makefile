@@ -4,8 +4,12 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
+# Triton's venv (benchmarks/peers/triton_app.py) needs a Python 3.12 with a shared libpython
+# (pyenv's builds have one); nvidia-pytriton pins numpy<2, so it cannot share $(VENV).
+TRITON_PYTHON ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python) python3.12)
+TRITON_VENV ?= .venv-triton
 
-.PHONY: serve test lint clean
+.PHONY: serve test lint clean peers-venvs
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,9 +26,19 @@ test: $(BIN)/python
 	$(BIN)/python examples/noop/make_model.py
 	$(BIN)/python -m pytest -q
 
+# The other servers of benchmarks/peers: their packages in $(VENV) (the peers extra:
+# Flask, gunicorn, LitServe, Ray Serve, BentoML), and Triton's venv of its own.
+peers-venvs: $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[ocr,bench,peers]'
+	$(TRITON_PYTHON) -c 'import sys, sysconfig; sys.exit(not sysconfig.get_config_var("Py_ENABLE_SHARED"))' \
+		|| { echo "$(TRITON_PYTHON) has no shared libpython (Triton's stubs need one)"; exit 1; }
+	test -x $(TRITON_VENV)/bin/python || $(TRITON_PYTHON) -m venv $(TRITON_VENV)
+	$(TRITON_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(TRITON_VENV)/bin/pip install --quiet 'nvidia-pytriton==0.7.0' -e '.[ocr]'
+
 lint: $(BIN)/python
 	$(BIN)/ruff check src tests examples benchmarks
 	$(BIN)/ruff format --check src tests examples benchmarks
 
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info tests/_models examples/noop/identity.onnx
+	rm -rf $(VENV) $(TRITON_VENV) build *.egg-info src/*.egg-info tests/_models examples/noop/identity.onnx
