@@ -6,8 +6,15 @@ only the way requests reach the code differs. For each server, one at a time: st
 as a subprocess on a free 127.0.0.1 port, wait until every model-loading process is up,
 check its answers on the benchmark images against ``rapidocr_onnxruntime.RapidOCR()``,
 run the closed-loop load at each concurrency (``loadgen.run_closed_loop``), stop it by
-pid and kill by pid anything it left (Ray's GCS and raylet included). Rounds interleave
-the servers; the summary takes medians over rounds (``modes.summarise``).
+pid and kill by pid anything it left (Ray's GCS and raylet, Triton's server and stubs,
+BentoML's workers included). Rounds interleave the servers; the summary takes medians
+over rounds (``modes.summarise``).
+
+Each server gets the request it documents for an image: most take the image as the
+body; Triton (triton_app.py) a KServe v2 binary-tensor request, BentoML
+(bentoml_app.py) a multipart form, both built once per image before the load, like the
+raw bodies. Triton runs in a virtual environment of its own (``make peers-venvs``
+builds ``.venv-triton``); BentoML comes with the peers extra.
 
     python benchmarks/peers/run_peers.py [--quick] [--only flask gunicorn ...]
         [--rounds N] [--duration S] [--concurrency 4 16] [--engine-threads T] [--out DIR]
@@ -98,6 +105,7 @@ def raw_request(image: bytes) -> Payload:
 
 
 def raw_answer(body: bytes, headers: Any) -> bytes:
+    """Most servers answer with the service's reply itself."""
     return body
 
 
@@ -199,7 +207,11 @@ def _triton(instances: int) -> Callable[..., list[str]]:
     )
 
     def command(port: int, engine_threads: int | None, info_dir: Path, tmp: Path) -> list[str]:
-        ports = ("--grpc-port", str(free_port()), "--metrics-port", str(free_port()))
+        taken = {port}
+        while len(taken) < 3:  # two more free ports, distinct from each other and PORT
+            taken.add(free_port())
+        grpc, metrics = sorted(taken - {port})
+        ports = ("--grpc-port", str(grpc), "--metrics-port", str(metrics))
         return [*base(port, engine_threads, info_dir, tmp), *ports]
 
     return command
