@@ -12,10 +12,10 @@ starts, so the stubs find it.
 How it serves: ``tritonserver`` (a C++ process) answers HTTP (KServe v2), gRPC and
 metrics, all bound to 127.0.0.1 here. The model ``ocr`` is PyTriton's proxy Python
 model: each model instance is a Python-backend stub process that hands each request
-to this process (ZeroMQ messages, tensors in shared memory), where the instance's infer function runs
-``InProcessService(OCRService).call`` on a thread of its own. The instances share one
-service (``call`` is thread-safe and ONNX Runtime sessions run concurrently), like the
-threads of gunicorn's gthread worker.
+to this process (ZeroMQ messages, tensors in shared memory), where the instance's infer
+function runs ``InProcessService(OCRService).call`` on a thread of its own. The
+instances share one service (``call`` is thread-safe and ONNX Runtime sessions run
+concurrently), like the threads of gunicorn's gthread worker.
 
 Its best documented configuration for this workload:
 
