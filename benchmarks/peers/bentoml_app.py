@@ -49,7 +49,6 @@ from benchmarks.peers.common import (
 WORKERS_ENV = "SPLITSERVE_BENTOML_WORKERS"
 THREADS_ENV = "SPLITSERVE_BENTOML_THREADS"
 ENGINE_THREADS_ENV = "SPLITSERVE_BENTOML_ENGINE_THREADS"
-HEALTH = "/readyz"  # BentoML's readiness probe: 200 once the workers are up
 FIELD = "image"
 BOUNDARY = "splitserve-peer-boundary"
 TIMEOUT_S = 300  # a request may wait behind many others at high concurrency

@@ -276,7 +276,7 @@ PEERS: dict[str, Peer] = {
             "bentoml",
             "BentoML, 2 workers x 1 thread",
             processes=2,
-            health="/readyz",
+            health="/readyz",  # BentoML's readiness probe (any one worker's)
             command=_module(
                 "benchmarks.peers.bentoml_app", "--workers", "2", "--threads", "1", temp_dir=True
             ),
@@ -285,7 +285,7 @@ PEERS: dict[str, Peer] = {
         Peer(
             "bentoml-1w",
             "BentoML, 1 worker x 1 thread",
-            health="/readyz",
+            health="/readyz",  # BentoML's readiness probe (any one worker's)
             command=_module(
                 "benchmarks.peers.bentoml_app", "--workers", "1", "--threads", "1", temp_dir=True
             ),
