@@ -9,7 +9,7 @@ PORT ?= 8000
 TRITON_PYTHON ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python) python3.12)
 TRITON_VENV ?= .venv-triton
 
-.PHONY: serve test lint clean peers-venvs
+.PHONY: serve dev test lint clean peers-venvs
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,9 +20,12 @@ serve: $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[ocr]'
 	$(BIN)/splitserve serve examples.ocr.service:OCRService --host $(HOST) --port $(PORT)
 
-# Install everything the tests need, then run the whole suite.
-test: $(BIN)/python
+# Everything the tests, the linters and the examples need.
+dev: $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[ocr,build,bench,dev]'
+
+# Install everything the tests need, then run the whole suite.
+test: dev
 	$(BIN)/python examples/noop/make_model.py
 	$(BIN)/python -m pytest -q
 
@@ -36,9 +39,11 @@ peers-venvs: $(BIN)/python
 	$(TRITON_VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(TRITON_VENV)/bin/pip install --quiet 'nvidia-pytriton==0.7.0' -e '.[ocr]'
 
-lint: $(BIN)/python
+# Style, formatting, and the package layering (pyproject.toml [tool.importlinter]).
+lint: dev
 	$(BIN)/ruff check src tests examples benchmarks
 	$(BIN)/ruff format --check src tests examples benchmarks
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf $(VENV) $(TRITON_VENV) build *.egg-info src/*.egg-info tests/_models examples/noop/identity.onnx

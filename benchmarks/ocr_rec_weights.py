@@ -65,14 +65,14 @@ def main(argv: list[str] | None = None) -> int:
     captured, reference = capture_inputs(OCRService, docs, artifacts={"rec": fp32_path})
     batches = captured["rec"]
     ref_engine = OnnxRuntimeEngine(fp32_path)
-    ref_out = [ref_engine.infer(b) for b in batches]
+    ref_out = [ref_engine.run_batch(b) for b in batches]
     print("| recogniser conv weights | output relative L2 error | lines equal to fp32 |")
     print("|---|---|---|")
     for label, rounding in (("fp16", fp16), ("int8 per channel", int8_per_channel)):
         path = with_rounded_conv_weights(source, rounding, work / f"rec_{label[:4]}.onnx")
         engine = OnnxRuntimeEngine(path)
         errors = [
-            output_error(next(iter(r.values())), next(iter(engine.infer(b).values()))).rel_l2
+            output_error(next(iter(r.values())), next(iter(engine.run_batch(b).values()))).rel_l2
             for r, b in zip(ref_out, batches, strict=True)
         ]
         _, answers = capture_inputs(OCRService, docs, artifacts={"rec": path})

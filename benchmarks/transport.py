@@ -96,7 +96,7 @@ async def _receive(path: str) -> None:
             if not done.done():
                 done.set_result(None)
 
-    server = await chan.serve(path, on_channel)
+    server = await chan.listen(path, on_channel)
     try:
         await done  # one connection: the benchmark's; it ends when the sender closes it
     finally:

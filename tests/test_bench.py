@@ -299,7 +299,7 @@ def echo_server() -> Iterator[Server]:
 
 
 def test_splitserve_server_stats(echo_server: Server, tmp_path, capsys) -> None:
-    """Needs the server's GET /v1/stats (runtime/stats.py, protocol/rest.py)."""
+    """Needs the server's GET /v1/stats (splitserve/stats.py, protocol/rest.py)."""
     stats = server_stats.fetch(f"{echo_server.url}/v1/stats")
     if stats is None:
         pytest.xfail("GET /v1/stats is not served yet")

@@ -197,7 +197,7 @@ def test_io_binding_gives_the_same_outputs_as_run(models):
     plain = OnnxRuntimeEngine(models["cnn"], threads=1)
     bound = OnnxRuntimeEngine(models["cnn"], threads=1, options={"io_binding": True})
     assert bound.io_binding and not plain.io_binding
-    np.testing.assert_array_equal(plain.infer({"x": x})["y"], bound.infer({"x": x})["y"])
+    np.testing.assert_array_equal(plain.run_batch({"x": x})["y"], bound.run_batch({"x": x})["y"])
 
 
 @pytest.mark.parametrize("mode", ["split", "threaded"])

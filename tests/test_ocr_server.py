@@ -120,3 +120,18 @@ def test_workers_stay_light(ocr_server: Server) -> None:
         maps = Path(f"/proc/{pid}/maps").read_text()
         assert "onnxruntime" not in maps and "torch" not in maps
         assert ".onnx" not in maps
+
+
+@pytest.mark.parametrize("ocr_server", ["split"], indirect=True)
+def test_engines_never_import_the_service_module(ocr_server: Server) -> None:
+    """Engines get resolved model specs: the OCR service's OpenCV never reaches them."""
+    children = {p: process_name(p) for p in children_of(ocr_server.pid)}
+    engines = [p for p, name in children.items() if name.startswith("splitserve-engi")]
+    workers = [p for p, name in children.items() if name.startswith("splitserve-cpu")]
+    assert engines and workers
+    # where the service module is imported, its OpenCV shows in the maps
+    assert "cv2" in Path(f"/proc/{workers[0]}/maps").read_text()
+    for pid in engines:
+        maps = Path(f"/proc/{pid}/maps").read_text()
+        assert "onnxruntime" in maps  # the engine's own runtime: the check sees libraries
+        assert "cv2" not in maps and "opencv" not in maps

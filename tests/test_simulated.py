@@ -26,7 +26,7 @@ def test_latency_model_outputs_and_no_cpu(tmp_path: Path) -> None:
     batch = {"x": np.zeros((4, 8), dtype=np.float32)}
     cpu0 = resource.getrusage(resource.RUSAGE_SELF)
     started = time.monotonic()
-    out = engine.infer(batch)
+    out = engine.run_batch(batch)
     elapsed = time.monotonic() - started
     cpu1 = resource.getrusage(resource.RUSAGE_SELF)
     assert out["y"].shape == (4, 3) and out["y"].dtype == np.float16
@@ -36,7 +36,7 @@ def test_latency_model_outputs_and_no_cpu(tmp_path: Path) -> None:
 
 def _run_once(device_dir: str, queue) -> None:
     engine = SimulatedEngine(OPTIONS, Path(device_dir))
-    engine.infer({"x": np.zeros((4, 8), dtype=np.float32)})
+    engine.run_batch({"x": np.zeros((4, 8), dtype=np.float32)})
     queue.put(time.monotonic())
 
 

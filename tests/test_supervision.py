@@ -87,7 +87,7 @@ def test_a_crashed_worker_fails_its_requests_clearly_and_is_replaced() -> None:
 
 
 def test_a_crashed_engine_fails_waiting_calls_and_comes_back() -> None:
-    server = Server(["tests.services:Echo"], "--cpu-workers", "2")
+    server = Server(["tests.services:Echo"], "--cpu-workers", "2", "--engine-replicas", "1")
     try:
         (engine,) = [p for p in children_of(server.pid) if "engi" in _name(p)]
         os.kill(engine, signal.SIGKILL)

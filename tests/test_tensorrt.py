@@ -9,7 +9,7 @@ import pytest
 
 from splitserve.engines.base import TensorSpec, create_engine
 from splitserve.engines.tensorrt import TensorRTUnavailable, onnx_inputs, profile_shapes
-from splitserve.service import Model
+from splitserve.spec import ModelSpec
 from tests.build_models import make_small_cnn
 
 
@@ -43,9 +43,9 @@ def test_without_tensorrt_the_backend_says_what_it_needs(tmp_path: Path):
     except ImportError:
         pass
     make_small_cnn(tmp_path / "cnn.onnx")
-    model = Model(str(tmp_path / "cnn.onnx"), backend="tensorrt")
+    spec = ModelSpec("cnn/model", "tensorrt", str(tmp_path / "cnn.onnx"))
     with pytest.raises(TensorRTUnavailable, match="pip install 'splitserve\\[tensorrt\\]'"):
-        create_engine(model, tmp_path / "cnn.onnx", threads=1)
+        create_engine(spec)
 
 
 def test_a_batch_axis_the_model_fixes_is_kept():

@@ -19,7 +19,9 @@ from examples.vision.model import tiny_resnet
 from splitserve.engines.base import create_engine
 from splitserve.engines.torch import TorchEngine, batch_buckets, resolve_device
 from splitserve.errors import BadRequest
-from splitserve.service import Model
+from splitserve.layout import Declaration, resolve
+from splitserve.service import Model, Service
+from splitserve.spec import ModelKey
 from tests.conftest import Server, children_of, process_name
 
 TINY = "examples.vision.model:tiny_resnet"
@@ -59,7 +61,7 @@ def test_outputs_equal_the_modules_own() -> None:
     module = tiny_resnet().eval()
     for rows in (1, 3, 8):
         x = images(rows, seed=rows)
-        got = engine.infer({"images": x})
+        got = engine.run_batch({"images": x})
         with torch.inference_mode():
             want = module(torch.from_numpy(x)).numpy()
         assert set(got) == {"logits"} and got["logits"].dtype == np.float32
@@ -73,7 +75,7 @@ def test_read_only_inputs_and_input_checks() -> None:
     engine = TorchEngine(TINY, CPU)
     x = images(2)
     x.flags.writeable = False
-    assert engine.infer({"images": x})["logits"].shape == (2, 10)
+    assert engine.run_batch({"images": x})["logits"].shape == (2, 10)
     with pytest.raises(BadRequest, match="axis 2 must be 32"):
         engine.check_inputs({"images": np.zeros((1, 3, 16, 32), np.float32)})
     with pytest.raises(BadRequest, match="must be float32"):
@@ -95,7 +97,7 @@ def test_several_inputs_and_named_outputs() -> None:
     engine = TorchEngine("tests.test_torch_engine:two_heads", options)
     x = np.random.default_rng(2).standard_normal((5, 4), dtype=np.float32)
     k = np.arange(5, dtype=np.int64)[:, None]
-    got = engine.infer({"x": x, "k": k})
+    got = engine.run_batch({"x": x, "k": k})
     with torch.inference_mode():
         want = two_heads()(torch.from_numpy(x), torch.from_numpy(k))
     np.testing.assert_allclose(got["scores"], want["scores"].numpy(), rtol=1e-6)
@@ -119,8 +121,8 @@ def test_equal_to_onnx_runtime_in_fp32(tmp_path: Path) -> None:
     ort_engine = OnnxRuntimeEngine(path, threads=1)
     torch_engine = TorchEngine(TINY, CPU)
     x = images(4, seed=7)
-    want = ort_engine.infer({"images": x})["logits"]
-    got = torch_engine.infer({"images": x})["logits"]
+    want = ort_engine.run_batch({"images": x})["logits"]
+    got = torch_engine.run_batch({"images": x})["logits"]
     assert got.shape == want.shape == (4, 10)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
@@ -139,13 +141,15 @@ def test_exported_program_gives_the_modules_outputs(tmp_path: Path) -> None:
     x = images(3, seed=5)
     with torch.inference_mode():
         want = module(torch.from_numpy(x)).numpy()
-    np.testing.assert_allclose(engine.infer({"images": x})["logits"], want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        engine.run_batch({"images": x})["logits"], want, rtol=1e-5, atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_half_precision_on_cpu_is_close_and_answers_in_the_declared_dtype(dtype: str) -> None:
-    fp32 = TorchEngine(TINY, CPU).infer({"images": images(2)})["logits"]
-    half = TorchEngine(TINY, {**CPU, "dtype": dtype}).infer({"images": images(2)})["logits"]
+    fp32 = TorchEngine(TINY, CPU).run_batch({"images": images(2)})["logits"]
+    half = TorchEngine(TINY, {**CPU, "dtype": dtype}).run_batch({"images": images(2)})["logits"]
     assert half.dtype == np.float32  # cast back on the device, as declared
     scale = float(np.abs(fp32).max())
     np.testing.assert_allclose(half, fp32, atol=0.05 * scale)
@@ -155,16 +159,25 @@ def test_compile_runs_the_same_network() -> None:
     """torch.compile through the 'eager' backend: the wiring, without a C compiler."""
     engine = TorchEngine(TINY, {**CPU, "compile": "eager"})
     x = images(3)
-    want = TorchEngine(TINY, CPU).infer({"images": x})["logits"]
-    np.testing.assert_allclose(engine.infer({"images": x})["logits"], want, rtol=1e-5, atol=1e-6)
+    want = TorchEngine(TINY, CPU).run_batch({"images": x})["logits"]
+    np.testing.assert_allclose(
+        engine.run_batch({"images": x})["logits"], want, rtol=1e-5, atol=1e-6
+    )
     assert engine.metadata()["compiled"] == "true"
 
 
-def test_create_engine_uses_the_factory_path_as_is() -> None:
-    model = Model(TINY, backend="torch", max_batch_size=4, options=CPU)
-    engine = create_engine(model, Path("/nonexistent") / TINY, threads=1)
+def test_a_factory_path_is_used_as_is() -> None:
+    """A factory is imported by name; only a file path is resolved beside the service."""
+
+    class Tiny(Service):
+        model = Model(TINY, backend="torch", max_batch_size=4, options=CPU)
+
+    assert Tiny.model is not None
+    spec = resolve(Declaration(ModelKey("tiny", "model"), Tiny, Tiny.model), None, threads=1)
+    assert spec.source == TINY and spec.threads == 1
+    engine = create_engine(spec)
     assert isinstance(engine, TorchEngine)
-    assert engine.infer(engine.warmup_batch(2))["logits"].shape == (2, 10)
+    assert engine.run_batch(engine.warmup_batch(2))["logits"].shape == (2, 10)
 
 
 def test_missing_cuda_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:

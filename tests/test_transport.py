@@ -98,7 +98,7 @@ def test_channel_carries_multipart_messages_both_ways() -> None:
                 received.append([bytes(f) for f in frames])
                 channel.send(frames)
 
-        server = await chan.serve(path, echo)
+        server = await chan.listen(path, echo)
         client = await chan.connect(path, timeout=5)
         payload = np.arange(100_000, dtype=np.float32)
         client.send([b"header", memoryview(payload), b""])
@@ -113,7 +113,7 @@ def test_channel_carries_multipart_messages_both_ways() -> None:
         async def hang_up(channel: chan.Channel) -> None:
             await channel.recv()  # then return: serve() closes the connection
 
-        other = await chan.serve(path + "2", hang_up)
+        other = await chan.listen(path + "2", hang_up)
         c2 = await chan.connect(path + "2", timeout=5)
         c2.send([b"bye"])
         with pytest.raises(chan.ChannelClosed):

@@ -75,7 +75,7 @@ def child(name: str, dry_run: bool, seconds: float, out: Path) -> None:
     rows = []
     for batch in BATCHES:
         x = {"images": rng.standard_normal((batch, 3, size, size), dtype=np.float32)}
-        times = time_calls(lambda x=x: engine.infer(x), seconds, 50_000)
+        times = time_calls(lambda x=x: engine.run_batch(x), seconds, 50_000)
         rows.append(
             {
                 "batch": batch,
@@ -85,7 +85,7 @@ def child(name: str, dry_run: bool, seconds: float, out: Path) -> None:
             }
         )
     check = np.random.default_rng(1).standard_normal((8, 3, size, size), dtype=np.float32)
-    logits = engine.infer({"images": check})["logits"]
+    logits = engine.run_batch({"images": check})["logits"]
     np.save(out.with_suffix(".npy"), logits)
     info: dict[str, Any] = {"config": name, "options": configs[name], "load_s": load_s}
     import torch

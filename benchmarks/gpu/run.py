@@ -195,6 +195,8 @@ def engine_only_child(backend: str, batch_sizes: list[int], seconds: float, out:
     os.environ[BACKEND_ENV] = backend
     from examples.vision import service as vision
     from splitserve.engines.base import create_engine
+    from splitserve.layout import Declaration, resolve
+    from splitserve.spec import ModelKey
 
     declared = vision.Classify.model
     assert declared is not None
@@ -202,7 +204,8 @@ def engine_only_child(backend: str, batch_sizes: list[int], seconds: float, out:
     info: dict[str, Any] = {"backend": backend, "options": _jsonable(dict(model.options))}
     with tempfile.TemporaryDirectory(prefix="splitserve-gpu-bench-") as run_dir:
         began = time.monotonic()
-        engine = create_engine(model, Path(model.path), threads=None, run_dir=Path(run_dir))
+        declaration = Declaration(ModelKey("vision", "model"), vision.Classify, model)
+        engine = create_engine(resolve(declaration, None, None), run_dir=Path(run_dir))
         info["load_s"] = time.monotonic() - began
         info["metadata"] = engine.metadata()
         if backend == "torch":
@@ -219,7 +222,7 @@ def engine_only_child(backend: str, batch_sizes: list[int], seconds: float, out:
         for size in batch_sizes:
             batch = {"images": rng.standard_normal((size, 3, 224, 224), dtype=np.float32)}
             t0 = time.monotonic()
-            times = time_calls(lambda b=batch: engine.infer(b), seconds, 20_000)
+            times = time_calls(lambda b=batch: engine.run_batch(b), seconds, 20_000)
             t1 = time.monotonic()
             ordered = sorted(times)
             results.append(
@@ -250,7 +253,7 @@ def check_against_cpu(engine: Any, rng: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for rows in (1, 3):  # 3 rows run in the 4-row graph: padding must not leak
         x = rng.standard_normal((rows, 3, 224, 224), dtype=np.float32)
-        got = engine.infer({"images": x})["logits"]
+        got = engine.run_batch({"images": x})["logits"]
         with torch.inference_mode():
             want = reference(torch.from_numpy(x)).numpy()
         scale = float(np.abs(want).max())

@@ -19,8 +19,8 @@ from typing import Any
 
 from splitserve.bench import loadgen
 from splitserve.bench.bodies import Payload
+from splitserve.replies import TIMINGS_HEADER, Reply, timings_header
 from splitserve.runtime.inprocess import InProcessService
-from splitserve.runtime.invoke import TIMINGS_HEADER, Reply, timings_header
 
 ROUTE = "/v1/services/ocr"
 HEALTH = "/health/ready"

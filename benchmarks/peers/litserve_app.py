@@ -32,7 +32,7 @@ from benchmarks.peers.common import (
     parse_threads,
     reply_headers,
 )
-from splitserve.runtime.invoke import Reply
+from splitserve.replies import Reply
 
 
 class OCRLitAPI(ls.LitAPI):

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import ipaddress
 import json
 import os
@@ -68,6 +67,7 @@ from benchmarks.peers.common import (
 from examples.ocr.compare import compare_ocr
 from examples.ocr.make_images import generate_documents
 from splitserve.bench.servers import interrupt_then_kill
+from splitserve.runtime.process import set_parent_death_signal
 
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 OCR = "examples.ocr.service:OCRService"
@@ -453,8 +453,7 @@ def _die_with_parent() -> None:
     so a server that relies on it (LitServe) would ignore the stop signal.
     """
     signal.signal(signal.SIGINT, signal.SIG_DFL)
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGINT, 0, 0, 0)  # PR_SET_PDEATHSIG
+    set_parent_death_signal(signal.SIGINT)
 
 
 @dataclass

@@ -200,8 +200,9 @@ class OCRService(Service):
             max_batch_size=REC_BATCH,
             max_delay_ms=3.0,
             # Groups of different requests share a batch by zero-padding their width with
-            # 0.0, rapidocr's own padding value in normalised space; only groups within
-            # 8 px of each other, where padding changed no text (see the docstring).
+            # 0.0, rapidocr's own padding value in normalised space; only groups whose
+            # widths fall in one 8 px bucket (1-8, 9-16, ...: padding under 8 px, which
+            # changed no text, see the docstring).
             pad_axes={"x": (3,)},
             pad_value=0.0,
             pad_bucket=8,

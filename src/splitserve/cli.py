@@ -1,108 +1,82 @@
 """The ``splitserve`` command: ``serve`` runs services, ``build`` makes gated engines,
-``bench`` load-tests a server."""
+``bench`` load-tests a server, ``tune`` searches the fastest layout for a service."""
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
+from pathlib import Path
 
+from splitserve import config, tune
 from splitserve.bench import cli as bench_cli
 from splitserve.compile import cli as build_cli
 from splitserve.config import ServerConfig
+from splitserve.layout import Services, plan, with_default_layout
+from splitserve.runtime.process import check_port_free, configure_logging
 
 
 def _serve_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("serve", help="serve one or more services over HTTP")
-    p.add_argument("services", nargs="+", help="service classes as module:Class (or file.py:Class)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument(
-        "--mode",
-        choices=["split", "threaded"],
-        default="split",
-        help="split: front + CPU worker processes + engine processes (default); "
-        "threaded: one process, a thread pool, the classic design",
+    p = sub.add_parser(
+        "serve",
+        help="serve one or more services over HTTP",
+        description="Serve services over HTTP. Every setting may also come from a TOML file "
+        "(--config; README: 'Serving'); flags given override it.",
     )
-    p.add_argument("--cpu-workers", type=int, default=2, help="CPU worker processes (split)")
-    p.add_argument(
-        "--engine-replicas",
-        type=int,
-        default=None,
-        help="engine processes, each with a replica of every model "
-        "(default: the models' own `replicas`)",
-    )
-    p.add_argument(
-        "--engine-threads",
-        type=int,
-        default=None,
-        help="intra-op threads per engine (default: cores / engine processes)",
-    )
-    p.add_argument(
-        "--worker-concurrency",
-        type=int,
-        default=4,
-        help="requests a CPU worker holds at once (split)",
-    )
-    p.add_argument("--threads", type=int, default=8, help="request threads (threaded)")
-    p.add_argument(
-        "--queue-size", type=int, default=256, help="requests waiting for a free worker before 503"
-    )
-    p.add_argument("--request-timeout", type=float, default=30.0, help="seconds (504 after)")
-    p.add_argument(
-        "--drain-timeout",
-        type=float,
-        default=30.0,
-        help="seconds admitted requests may take to finish after SIGTERM",
-    )
-    p.add_argument(
-        "--auth-token",
-        default=os.environ.get("SPLITSERVE_AUTH_TOKEN", ""),
-        help="require 'Authorization: Bearer TOKEN' on every route but liveness "
-        "(default: $SPLITSERVE_AUTH_TOKEN; none: no authentication)",
-    )
-    p.add_argument("--max-body-bytes", type=int, default=32 * 1024 * 1024)
-    p.add_argument("--max-image-pixels", type=int, default=40_000_000)
-    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--config", type=Path, help="a TOML file of settings (splitserve.toml)")
+    config.add_arguments(p)
+
+
+def serve(cfg: ServerConfig) -> int:
+    """Load the services, build the engines they ask for, then run the chosen mode.
+
+    Builds happen here, before any process starts, so the runtime only ever receives
+    resolved model specs and never imports the build tools.
+    """
+    configure_logging(cfg.log_level)
+    check_port_free(cfg.host, cfg.port)  # before builds that may take minutes
+    services = Services.load(cfg.services, cfg.models)
+    built: dict[str, str] = {}
+    if any(d.model.needs_build for d in services.models.values()):
+        from splitserve.compile.artifacts import build_engines  # onnx & co. only when needed
+
+        built = build_engines(services.models)
+    if cfg.mode == "threaded":
+        from splitserve.runtime.threaded import serve_threaded
+
+        return serve_threaded(cfg, services, built)
+    from splitserve.runtime.supervisor import serve_split
+
+    cfg = with_default_layout(cfg, services)
+    return serve_split(cfg, plan(cfg, services, built))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="splitserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
-    bench_cli.add_parser(sub)
-    build_cli.add_parser(sub)
+    for name, module in (("bench", bench_cli), ("build", build_cli), ("tune", tune)):
+        module.configure(
+            sub.add_parser(
+                name,
+                help=module.HELP,
+                description=module.DESCRIPTION,
+                epilog=module.EPILOG,
+                formatter_class=argparse.RawDescriptionHelpFormatter,
+            )
+        )
     args = parser.parse_args(argv)
     if args.command == "build":
         return build_cli.run(args)
+    if args.command == "tune":
+        return tune.run(args)
     if args.command == "bench":
         return bench_cli.run(args, sys.argv[1:] if argv is None else argv)
     if args.command == "serve":
-        cfg = ServerConfig(
-            services=args.services,
-            host=args.host,
-            port=args.port,
-            mode=args.mode,
-            cpu_workers=args.cpu_workers,
-            engine_replicas=args.engine_replicas,
-            engine_threads=args.engine_threads,
-            worker_concurrency=args.worker_concurrency,
-            threads=args.threads,
-            queue_size=args.queue_size,
-            request_timeout_s=args.request_timeout,
-            drain_timeout_s=args.drain_timeout,
-            auth_token=args.auth_token,
-            max_body_bytes=args.max_body_bytes,
-            max_image_pixels=args.max_image_pixels,
-            log_level=args.log_level.upper(),
-        )
-        if cfg.mode == "threaded":
-            from splitserve.runtime.threaded import serve_threaded
-
-            return serve_threaded(cfg)
-        from splitserve.runtime.supervisor import serve_split
-
-        return serve_split(cfg)
+        try:
+            cfg = config.from_arguments(args, args.config)
+        except ValueError as exc:
+            parser.error(str(exc))
+        return serve(cfg)
     return 2
 
 

@@ -1,115 +1,207 @@
-"""Server settings (from the command line) and the process layout derived from them."""
+"""The settings of ``splitserve serve``, written once.
+
+Every setting, its default and its help live in ``ServerConfig`` below; the command
+line's flags are made from it (``add_arguments``), and a TOML file (``--config``) sets
+the same names. Flags override the file, the file overrides the defaults. What a
+running server learns (its run directory, the supervisor's pid, built engines) is not
+a setting: see ``splitserve.layout`` and ``splitserve.runtime.rundir``.
+"""
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import os
+import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from splitserve.service import DEFAULT_MAX_IMAGE_PIXELS, Model, Service, load_service
+from splitserve.service import DEFAULT_MAX_IMAGE_PIXELS
+
+# What a config file's ``[models."service/model"]`` table may change in a declaration.
+MODEL_OVERRIDES = {
+    "max_batch_size": int,
+    "max_delay_ms": float,
+    "replicas": int,
+    "threads": int,
+    "pad_bucket": int,
+}
+
+
+def _setting(default: Any, help: str, *, flag: str | None = None, **argparse_kw: Any) -> Any:
+    """A ``ServerConfig`` field with its command-line flag (default: from the field name)."""
+    meta = {"help": help, "flag": flag, "argparse": argparse_kw}
+    if callable(default):  # a factory, called per instance
+        return field(default_factory=default, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _auth_token_from_env() -> str:
+    return os.environ.get("SPLITSERVE_AUTH_TOKEN", "")
 
 
 @dataclass
 class ServerConfig:
-    services: list[str]
-    host: str = "127.0.0.1"
-    port: int = 8000
-    mode: str = "split"  # "split" or "threaded"
-    cpu_workers: int = 2
-    # Overrides every model's own ``replicas``: engine process j hosts replica j.
-    engine_replicas: int | None = None
-    # Intra-op threads of each engine process; default: the cores shared among them.
-    engine_threads: int | None = None
-    # Jobs a CPU worker holds at once: it preprocesses one while others await inference.
-    worker_concurrency: int = 4
-    threads: int = 8  # threaded mode: request threads
-    queue_size: int = 256  # jobs waiting in the front for a free worker slot
-    request_timeout_s: float = 30.0
-    # On SIGTERM: stop admitting, let admitted requests finish for at most this long.
-    drain_timeout_s: float = 30.0
-    # When set, every route but liveness needs ``Authorization: Bearer <token>``.
-    auth_token: str = ""
-    max_body_bytes: int = 32 * 1024 * 1024
-    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
-    shm_pool_bytes: int = 512 * 1024 * 1024  # per process
-    log_level: str = "INFO"
-    # Filled in on start: built engines by "service/model" (see splitserve.compile).
-    artifacts: dict[str, str] = field(default_factory=dict)
-    # Filled in by the supervisor.
-    run_dir: str = ""
-    supervisor_pid: int = 0
+    """How to serve: processes, limits, timeouts. The same in both modes unless noted."""
+
+    services: list[str] = _setting(list, "service classes as module:Class (or file.py:Class)")
+    host: str = _setting("127.0.0.1", "address to listen on")
+    port: int = _setting(8000, "HTTP port")
+    mode: str = _setting(
+        "split",
+        "split: front + CPU worker processes + engine processes; "
+        "threaded: one process, a thread pool, the classic design",
+        choices=["split", "threaded"],
+    )
+    cpu_workers: int | None = _setting(
+        None, "CPU worker processes (split; default: from the cores and the models)", type=int
+    )
+    engine_replicas: int | None = _setting(
+        None,
+        "engine processes, each with a replica of every model (overrides the models' own "
+        "`replicas`; engine process j hosts replica j; default: the models' own if any "
+        "declares some, else from the cores and the models)",
+        type=int,
+    )
+    engine_threads: int | None = _setting(
+        None, "intra-op threads per engine (default: cores / engine processes)", type=int
+    )
+    worker_concurrency: int = _setting(
+        4, "requests a CPU worker holds at once: it preprocesses one while others await engines"
+    )
+    threads: int = _setting(8, "request threads (threaded)")
+    queue_size: int = _setting(256, "requests waiting for a free worker (or thread) before 503")
+    request_timeout_s: float = _setting(30.0, "seconds (504 after)", flag="--request-timeout")
+    drain_timeout_s: float = _setting(
+        30.0,
+        "seconds admitted requests may take to finish after SIGTERM",
+        flag="--drain-timeout",
+    )
+    auth_token: str = _setting(
+        _auth_token_from_env,
+        "require 'Authorization: Bearer TOKEN' on every route but liveness "
+        "(default: $SPLITSERVE_AUTH_TOKEN; none: no authentication)",
+    )
+    max_body_bytes: int = _setting(32 * 1024 * 1024, "largest request body (413 above)")
+    max_image_pixels: int = _setting(DEFAULT_MAX_IMAGE_PIXELS, "largest image (413 above)")
+    shm_pool_bytes: int = _setting(
+        512 * 1024 * 1024,
+        "shared memory each process may hold for tensors (larger ones then go inline)",
+    )
+    log_level: str = _setting("INFO", "DEBUG, INFO, WARNING or ERROR")
+    # Per-model overrides of the declarations, by "service/model": the config file only.
+    models: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self.log_level = self.log_level.upper()
         if self.mode not in ("split", "threaded"):
             raise ValueError(f"mode must be 'split' or 'threaded', got {self.mode!r}")
-        for name in ("cpu_workers", "worker_concurrency", "threads", "queue_size"):
+        for name in ("worker_concurrency", "threads", "queue_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        if self.cpu_workers is not None and self.cpu_workers < 1:
+            raise ValueError("cpu_workers must be >= 1")
         if self.engine_replicas is not None and self.engine_replicas < 1:
             raise ValueError("engine_replicas must be >= 1")
-
-    def socket_path(self, name: str) -> str:
-        """A data-plane Unix socket (see runtime/channel.py)."""
-        return f"{self.run_dir}/{name}.sock"
-
-    def engine_socket(self, index: int) -> str:
-        return self.socket_path(f"engine-{index}")
-
-    def control_endpoint(self, name: str) -> str:
-        """A control-plane ZeroMQ endpoint (supervisor state and readiness)."""
-        return f"ipc://{self.run_dir}/{name}.zmq"
-
-    def load_services(self) -> dict[str, type[Service]]:
-        classes: dict[str, type[Service]] = {}
-        for spec in self.services:
-            cls = load_service(spec)
-            name = cls.service_name()
-            if name in classes:
-                raise ValueError(f"two services are named {name!r}")
-            classes[name] = cls
-        return classes
-
-    def engine_layout(self, classes: dict[str, type[Service]]) -> list[dict[str, Model]]:
-        """Which models each engine process hosts, keyed ``service/model``.
-
-        Replica j of every model lives in engine process j, so models share a process
-        (and its cores) unless they ask for more replicas than the others.
-        """
-        declared = {
-            f"{svc}/{name}": model
-            for svc, cls in classes.items()
-            for name, model in cls.declared_models().items()
-        }
-        replicas = {k: self.engine_replicas or m.replicas for k, m in declared.items()}
-        count = max(replicas.values(), default=0)
-        return [{k: m for k, m in declared.items() if replicas[k] > j} for j in range(count)]
-
-    def model_file(self, cls: type[Service], key: str, model: Model) -> Path:
-        """What the engine of ``key`` ("service/model") loads: its built engine, if any."""
-        built = self.artifacts.get(key)
-        return Path(built) if built else cls.model_path(model)
+        for key, overrides in self.models.items():
+            if not isinstance(overrides, Mapping):
+                raise ValueError(f"models.{key!r} must be a table of settings")
+            unknown = set(overrides) - set(MODEL_OVERRIDES)
+            if unknown:
+                raise ValueError(
+                    f"models.{key!r}: unknown settings {sorted(unknown)}; "
+                    f"a config file may set {sorted(MODEL_OVERRIDES)}"
+                )
+            for name, value in overrides.items():
+                _check_type(f"models.{key!r}.{name}", value, MODEL_OVERRIDES[name])
 
     def threads_per_engine(self, engine_count: int) -> int:
+        """Intra-op threads of each engine process: set, or the cores shared among them."""
         if self.engine_threads:
             return self.engine_threads
         return max(1, (os.cpu_count() or 1) // max(1, engine_count))
 
+    @classmethod
+    def from_file(cls, path: Path, **overrides: Any) -> ServerConfig:
+        """The settings in a TOML file, then ``overrides`` (the flags given) on top."""
+        try:
+            values = tomllib.loads(Path(path).read_text())
+        except OSError as exc:
+            raise ValueError(f"cannot read the config file {path}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ValueError(f"{path} is not valid TOML: {exc}") from None
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = set(values) - set(known)
+        if unknown:
+            raise ValueError(f"{path}: unknown settings {sorted(unknown)}; known: {sorted(known)}")
+        for name, value in values.items():
+            _check_type(f"{path}: {name}", value, _field_type(known[name]))
+        return cls(**{**values, **overrides})
 
-def build_engines(classes: dict[str, type[Service]]) -> dict[str, str]:
-    """Build or reuse (engine cache) every engine the services ask for, before any loads.
 
-    A build the accuracy gate refuses stops the server with the reason: a server never
-    falls back to fp32 quietly. The build tools are imported only when a model needs them.
+def _field_type(f: dataclasses.Field) -> type | tuple[type, ...]:
+    kinds = {
+        "str": str,
+        "int": int,
+        "float": (int, float),
+        "int | None": int,
+        "list[str]": list,
+        "dict[str, dict[str, Any]]": dict,
+    }
+    return kinds[str(f.type)]
+
+
+def _check_type(where: str, value: Any, kind: type | tuple[type, ...]) -> None:
+    if kind is float:
+        kind = (int, float)
+    if isinstance(value, bool) or not isinstance(value, kind):
+        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise ValueError(f"{where} must be {names}, got {value!r}")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """A flag for every setting of ``ServerConfig`` (the file-only ``models`` aside).
+
+    Flags default to nothing at all (``SUPPRESS``): only the flags given override the
+    config file and the defaults, which live in the dataclass alone.
     """
-    if not any(m.needs_build for cls in classes.values() for m in cls.declared_models().values()):
-        return {}
-    from splitserve.compile.artifacts import prepare_artifacts
-    from splitserve.compile.builder import GateRejected
-    from splitserve.compile.data import DataError
-    from splitserve.compile.precision import PrecisionError
-    from splitserve.engines.tensorrt import TensorRTUnavailable
+    for f in dataclasses.fields(ServerConfig):
+        if "help" not in f.metadata:
+            continue
+        extra = dict(f.metadata["argparse"])
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        shown = "" if default in (None, "", []) else f" (default: {default})"
+        if f.name == "services":
+            parser.add_argument(
+                "services", nargs="*", default=argparse.SUPPRESS, help=f.metadata["help"]
+            )
+            continue
+        if f.name == "auth_token":
+            shown = ""  # never print a secret
+        flag = f.metadata["flag"] or "--" + f.name.replace("_", "-")
+        extra.setdefault("type", type(default) if default is not None else str)
+        extra.setdefault("metavar", f.name.upper().removesuffix("_S"))
+        parser.add_argument(
+            flag,
+            dest=f.name,
+            default=argparse.SUPPRESS,
+            help=f.metadata["help"] + shown,
+            **extra,
+        )
 
-    try:
-        return prepare_artifacts(classes)
-    except (GateRejected, DataError, PrecisionError, TensorRTUnavailable) as exc:
-        raise SystemExit(f"splitserve: cannot build an engine: {exc}") from None
+
+def from_arguments(args: argparse.Namespace, config_file: Path | None) -> ServerConfig:
+    """The settings of a parsed command line (``add_arguments``), over ``config_file``."""
+    given = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(ServerConfig)
+        if hasattr(args, f.name)
+    }
+    if given.get("services") == []:
+        del given["services"]
+    cfg = ServerConfig.from_file(config_file, **given) if config_file else ServerConfig(**given)
+    if not cfg.services:
+        raise ValueError("no service to serve: name module:Class, or `services` in --config")
+    return cfg

@@ -23,6 +23,10 @@ class ServiceError(Exception):
             self.kind = kind
 
 
+# One class per status and kind: user code raises and catches them by type, so the
+# repeated shape below is the point, not a copy to merge.
+
+
 class BadRequest(ServiceError):
     status = 400
     kind = "bad_request"

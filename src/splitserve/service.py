@@ -1,7 +1,7 @@
 """The user contract: a ``Service`` with its ``Model`` declarations, and the ``Request``.
 
 A service runs in CPU worker processes (split mode) or in request threads (threaded
-mode); the same class serves both. It never loads a model itself: it declares them,
+mode); the same class serves both. It never runs a model itself: it declares them,
 and calls ``infer`` to have an engine process run them.
 """
 
@@ -11,7 +11,6 @@ import importlib
 import importlib.util
 import io
 import json
-import os
 import sys
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from splitserve.errors import BadRequest, PayloadTooLarge, Unprocessable, UnsupportedMediaType
+from splitserve.importing import add_working_directory_to_path
 
 Tensors = dict[str, np.ndarray]
 InferFn = Callable[[str, Mapping[str, np.ndarray]], Awaitable[Tensors]]
@@ -213,7 +213,9 @@ class Service:
     models: ClassVar[Mapping[str, Model]] = {}
 
     def setup(self) -> None:
-        """Per-process initialisation (tables, tokenizers...). Never load models here."""
+        """Per-process initialisation (tables, tokenizers...). Models run in engines, not
+        here; reading a model file's metadata is fine (the OCR service reads its
+        recogniser's character table)."""
 
     def preprocess(self, request: Request) -> Mapping[str, np.ndarray]:
         raise NotImplementedError(f"{type(self).__name__} must define preprocess() or handle()")
@@ -267,8 +269,7 @@ def load_service(spec: str) -> type[Service]:
     if ":" not in spec:
         raise ValueError(f"service must be given as module:Class, got {spec!r}")
     module_name, _, class_name = spec.rpartition(":")
-    if os.getcwd() not in sys.path:  # like `python -m`: modules of the working directory
-        sys.path.insert(0, os.getcwd())
+    add_working_directory_to_path()  # what a service file imports may live there
     if module_name.endswith(".py"):
         file = Path(module_name).resolve()
         mod_name = f"splitserve_user_{file.stem}"

@@ -6,12 +6,10 @@ Every body is read once, before the load starts, so the loops only index a list.
 from __future__ import annotations
 
 import json
-import mimetypes
 from dataclasses import dataclass
 from pathlib import Path
 
-OCTET_STREAM = "application/octet-stream"
-JSON = "application/json"
+from splitserve.replies import JSON, OCTET_STREAM, guess_content_type
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,13 +18,6 @@ class Payload:
 
     data: bytes
     content_type: str
-
-
-def guess_content_type(path: Path) -> str:
-    """The content type of a file from its extension (octet-stream when unknown)."""
-    if path.suffix.lower() == ".json":
-        return JSON
-    return mimetypes.guess_type(path.name)[0] or OCTET_STREAM
 
 
 def from_dir(directory: Path, content_type: str | None = None) -> list[Payload]:

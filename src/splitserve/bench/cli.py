@@ -33,20 +33,11 @@ Throughput counts the answers that complete inside the measured window (after
 from the scheduled arrival, and arrivals beyond --max-inflight are dropped and counted."""
 
 
-def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Declare ``bench`` on the ``splitserve`` command's subparsers."""
-    p = sub.add_parser(
-        "bench",
-        help="load-test an HTTP server (closed or open loop) and report",
-        description=DESCRIPTION,
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    configure(p)
-    return p
+HELP = "load-test an HTTP server (closed or open loop) and report"
 
 
 def configure(p: argparse.ArgumentParser) -> None:
+    """The options of ``splitserve bench`` (the subcommand is made by splitserve.cli)."""
     p.add_argument("url", nargs="?", help="e.g. http://127.0.0.1:8000/v1/services/ocr")
     load = p.add_argument_group("load (one of; default --concurrency 1)")
     kind = load.add_mutually_exclusive_group()

@@ -35,7 +35,7 @@ from typing import Any, Protocol
 
 from splitserve.bench import server_stats
 from splitserve.bench.bodies import OCTET_STREAM, Payload
-from splitserve.runtime.invoke import TIMINGS_HEADER
+from splitserve.replies import TIMINGS_HEADER
 
 REQUEST_TIMEOUT_S = 30.0
 CLIENTS = ("raw", "aiohttp")

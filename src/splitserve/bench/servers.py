@@ -5,7 +5,6 @@ and is stopped by its pid."""
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import select
 import signal
@@ -17,6 +16,8 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+
+from splitserve.runtime.process import set_parent_death_signal
 
 
 def free_port() -> int:
@@ -34,11 +35,8 @@ def _splitserve_command() -> list[str]:
 
 
 def _die_with_parent() -> None:
-    """In the server's process: get SIGINT if the benchmark dies (Linux), so no server
-    outlives it."""
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGINT, 0, 0, 0)  # PR_SET_PDEATHSIG
+    """In the server's process: get SIGINT if the benchmark dies, so no server outlives it."""
+    set_parent_death_signal(signal.SIGINT)
 
 
 def start_server(

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
-from splitserve.compile.builder import BuildSpec, build
+from splitserve.compile.builder import BuildSpec, GateRejected, build
+from splitserve.layout import Declaration
 from splitserve.service import Model, Service
 
 log = logging.getLogger("splitserve.compile")
@@ -29,31 +31,42 @@ def spec_for(cls: type[Service], name: str, model: Model) -> BuildSpec:
     )
 
 
-def prepare_artifacts(classes: dict[str, type[Service]]) -> dict[str, str]:
-    """Build or reuse every engine the services ask for: ``service/model`` -> file.
+def build_engines(models: Mapping[str, Declaration]) -> dict[str, str]:
+    """Build or reuse (engine cache) every engine the served models ask for, before any
+    loads: ``service/model`` -> the file its engine loads.
 
-    Runs before any engine loads; a build the gate rejects stops the server with the
-    reason (never a silent fp32 fallback).
+    A build the accuracy gate refuses stops the server with the reason: a server never
+    falls back to fp32 quietly.
     """
+    from splitserve.compile.data import DataError
+    from splitserve.compile.precision import PrecisionError
+    from splitserve.engines.tensorrt import TensorRTUnavailable
+
+    try:
+        return prepare_artifacts(models)
+    except (GateRejected, DataError, PrecisionError, TensorRTUnavailable) as exc:
+        raise SystemExit(f"splitserve: cannot build an engine: {exc}") from None
+
+
+def prepare_artifacts(models: Mapping[str, Declaration]) -> dict[str, str]:
+    """Build or reuse every engine the models ask for: ``service/model`` -> file."""
     artifacts: dict[str, str] = {}
-    for svc, cls in classes.items():
-        for name, model in cls.declared_models().items():
-            if not model.needs_build:
-                continue
-            spec = spec_for(cls, name, model)
+    for key, decl in models.items():
+        model = decl.model
+        if model.needs_build:
+            spec = spec_for(decl.service, decl.key.model, model)
             artifact = build(spec)
             gate = artifact.report["gate"]
             log.info(
-                "%s/%s: %s %s engine %s (%s; kept in fp32: %s)",
-                svc,
-                name,
+                "%s: %s %s engine %s (%s; kept in fp32: %s)",
+                key,
                 "reusing cached" if artifact.reused else "built",
                 model.precision,
                 artifact.directory,
                 _gate_line(gate),
                 ", ".join(artifact.report["kept_fp32"]) or "nothing",
             )
-            artifacts[f"{svc}/{name}"] = str(artifact.path)
+            artifacts[key] = str(artifact.path)
     return artifacts
 
 

@@ -51,7 +51,9 @@ from splitserve.compile.precision import (
 )
 from splitserve.compile.search import group_by_op_type, rank_layers, search_keep
 from splitserve.engines.base import Engine, create_engine
-from splitserve.service import DEFAULT_MIN_AGREEMENT, Model, Service
+from splitserve.engines.device import device_name
+from splitserve.service import DEFAULT_MIN_AGREEMENT, Service
+from splitserve.spec import ModelSpec
 
 log = logging.getLogger("splitserve.compile")
 
@@ -136,14 +138,16 @@ class _Data:
 
 def _load_engine(spec: BuildSpec, path: Path, precision: str | None = None) -> Engine:
     """``path`` on the build's backend (TensorRT builds its plan beside it)."""
-    model = Model(
-        path=str(path),
+    model = ModelSpec(
+        key=spec.model_name or path.stem,
         backend=spec.backend,
+        source=str(path),
         precision=precision or spec.precision,
         max_batch_size=spec.max_batch_size,
+        threads=spec.threads,
         options=spec.options,
     )
-    return create_engine(model, path, threads=spec.threads)
+    return create_engine(model)
 
 
 def _synthetic(engine: Engine, count: int) -> list[Batch]:
@@ -236,7 +240,7 @@ class _Builder:
         except Exception as exc:  # the backend lacks kernels for this precision
             raise PrecisionError(
                 f"the {self.spec.backend} backend cannot load the {self.spec.precision} graph "
-                f"on {cache.device_name(self.spec.backend, self.spec.options)}: {exc}"
+                f"on {device_name(self.spec.backend, self.spec.options)}: {exc}"
                 + (
                     " (bf16 needs a GPU backend: tensorrt, or onnxruntime with CUDA)"
                     if self.spec.precision == "bf16"
@@ -287,7 +291,7 @@ def _key_fields(spec: BuildSpec, data_digest: str) -> dict[str, Any]:
         # TensorRT's profile comes from these; other backends take any batch
         "max_batch_size": spec.max_batch_size if spec.backend == "tensorrt" else None,
         "shapes": spec.options.get("shapes") if spec.backend == "tensorrt" else None,
-        "device": cache.device_name(spec.backend, spec.options),
+        "device": device_name(spec.backend, spec.options),
         "versions": cache.library_versions(),
         "data": data_digest,
         "tolerance": spec.gate_tolerance,
@@ -420,9 +424,9 @@ def _build_into(spec: BuildSpec, staging: Path, fields: Mapping[str, Any]) -> di
 def _save_optimised(spec: BuildSpec, source: Path, target: Path) -> None:
     """The artifact with ONNX Runtime's graph optimisations applied, saved (so engines
     skip that work on load); TensorRT optimises in its own builder from the plain graph."""
-    if spec.backend != "onnxruntime" or not cache.device_name(
-        spec.backend, spec.options
-    ).startswith("cpu:"):  # GPU providers fuse differently: they optimise at load
+    if spec.backend != "onnxruntime" or not device_name(spec.backend, spec.options).startswith(
+        "cpu:"
+    ):  # GPU providers fuse differently: they optimise at load
         os.replace(source, target)
         return
     import onnxruntime as ort

@@ -15,12 +15,13 @@ import hashlib
 import json
 import math
 import os
-import platform
 import shutil
 from collections.abc import Iterator, Mapping
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from splitserve.engines.device import cache_root
 
 REPORT = "report.json"
 VERSIONED = (
@@ -34,15 +35,6 @@ VERSIONED = (
 )
 
 
-def cache_root() -> Path:
-    """``$SPLITSERVE_CACHE_DIR``, else ``$XDG_CACHE_HOME/splitserve``, else ~/.cache/splitserve."""
-    explicit = os.environ.get("SPLITSERVE_CACHE_DIR")
-    if explicit:
-        return Path(explicit)
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "splitserve"
-
-
 def library_versions() -> dict[str, str]:
     versions = {}
     for name in VERSIONED:
@@ -51,37 +43,6 @@ def library_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             continue
     return versions
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.partition(":")[2].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def device_name(backend: str, options: Mapping[str, Any]) -> str:
-    """What the engine is built for: the GPU for TensorRT/CUDA, otherwise the CPU model."""
-    # a provider is a name, or a (name, options) pair
-    providers = [p if isinstance(p, str) else p[0] for p in options.get("providers") or []]
-    if backend == "tensorrt" or any("CUDA" in p or "Tensorrt" in p for p in providers):
-        try:
-            import torch
-
-            if torch.cuda.is_available():
-                return "cuda:" + torch.cuda.get_device_name(0)
-        except ImportError:
-            pass
-        return "cuda"
-    if backend == "onnxruntime" and not providers:
-        from splitserve.engines.onnxruntime import default_providers
-
-        if default_providers()[0] != "CPUExecutionProvider":
-            return "onnxruntime:" + default_providers()[0]
-    return "cpu:" + cpu_name()
 
 
 def file_hash(path: Path) -> str:

@@ -33,14 +33,11 @@ A server whose Model declares a precision builds the same entry as
 it; plain `splitserve build model.onnx` makes engines for --output and inspection."""
 
 
-def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = sub.add_parser(
-        "build",
-        help="build a gated fp16/bf16/int8 engine into the engine cache",
-        description=DESCRIPTION,
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+HELP = "build a gated fp16/bf16/int8 engine into the engine cache"
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    """The options of ``splitserve build`` (the subcommand is made by splitserve.cli)."""
     p.add_argument("model", nargs="?", help="ONNX model (or take it from --service/--model)")
     p.add_argument("--service", help="service class module:Class whose model is built")
     p.add_argument("--model", dest="model_name", help="the service's model name")
@@ -68,7 +65,6 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--output", type=Path, help="also copy the built model here")
     p.add_argument("--report", type=Path, help="also write the JSON report here")
     p.add_argument("--force", action="store_true", help="rebuild even if cached")
-    return p
 
 
 def run(args: argparse.Namespace) -> int:

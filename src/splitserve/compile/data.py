@@ -10,13 +10,14 @@ on exactly what they see when served.
 from __future__ import annotations
 
 import hashlib
-import mimetypes
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from splitserve.replies import guess_content_type
 
 if TYPE_CHECKING:
     from splitserve.service import Service
@@ -96,11 +97,6 @@ def load_tensors(files: Sequence[Path], input_names: Sequence[str]) -> list[Batc
     return batches
 
 
-def content_type(path: Path) -> str:
-    guessed, _ = mimetypes.guess_type(path.name)
-    return guessed or "application/octet-stream"
-
-
 def capture_inputs(
     cls: type[Service],
     files: Sequence[Path],
@@ -130,7 +126,7 @@ def answer_of(service: Any, path: Path) -> Any:
     """``service``'s decoded answer to the body in ``path``; a failed request is an error."""
     import json
 
-    reply = service.call(path.read_bytes(), content_type(path))
+    reply = service.call(path.read_bytes(), guess_content_type(path))
     if reply.status != 200:
         raise DataError(f"{path.name}: the service answered {reply.status}: {reply.body[:200]!r}")
     if reply.content_type.startswith("application/json"):

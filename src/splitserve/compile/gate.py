@@ -75,7 +75,7 @@ def merge_errors(errors: Sequence[OutputError]) -> OutputError:
 
 
 def run_batches(engine: Engine, batches: Sequence[Batch]) -> list[dict[str, np.ndarray]]:
-    return [engine.infer(batch) for batch in batches]
+    return [engine.run_batch(batch) for batch in batches]
 
 
 def compare_engines(
@@ -97,12 +97,12 @@ def compare_latency(
     times: dict[int, list[float]] = {0: [], 1: []}
     engines = (reference, candidate)
     for engine in engines:
-        engine.infer(batches[0])
+        engine.run_batch(batches[0])
     for _ in range(rounds):
         for index, engine in enumerate(engines):
             started = time.perf_counter()
             for batch in batches:
-                engine.infer(batch)
+                engine.run_batch(batch)
             times[index].append((time.perf_counter() - started) / len(batches) * 1000)
     return float(np.median(times[0])), float(np.median(times[1]))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import importlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from splitserve.errors import BadRequest
-from splitserve.service import Model
+from splitserve.spec import ModelSpec
 
 
 @dataclass(frozen=True)
@@ -29,9 +30,17 @@ class Engine(abc.ABC):
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
     simulated = False  # True only for the simulated accelerator: labelled wherever it shows
+    # True when batches compute on the host's cores (not on an accelerator): such batches
+    # take turns in their engine process, so no more compute threads run than it was given.
+    on_host_cores = False
+
+    @classmethod
+    @abc.abstractmethod
+    def from_spec(cls, spec: ModelSpec, run_dir: Path | None) -> Engine:
+        """The engine for a resolved model spec (see ``create_engine``)."""
 
     @abc.abstractmethod
-    def infer(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def run_batch(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run one batch (axis 0 is the batch axis of every input and output)."""
 
     def check_inputs(self, inputs: Mapping[str, np.ndarray]) -> None:
@@ -73,44 +82,32 @@ class Engine(abc.ABC):
         return batch
 
     def metadata(self) -> dict[str, Any]:
+        """What a benchmark report shows about the loaded engine (device, dtype...)."""
         return {}
 
 
-BACKENDS = ("onnxruntime", "simulated", "tensorrt", "torch")
+# The backends by name: "module:Class", imported only when a model uses the backend (so
+# a process imports torch or TensorRT only if it serves such a model). A backend is a
+# subclass of ``Engine`` with ``from_spec``; adding one is a line here.
+BACKENDS = {
+    "onnxruntime": "splitserve.engines.onnxruntime:OnnxRuntimeEngine",
+    "simulated": "splitserve.engines.simulated:SimulatedEngine",
+    "tensorrt": "splitserve.engines.tensorrt:TensorRTEngine",
+    "torch": "splitserve.engines.torch:TorchEngine",
+}
 
 
-def create_engine(
-    model: Model, path: Path, *, threads: int | None, run_dir: Path | None = None
-) -> Engine:
-    """Instantiate the backend named by ``model.backend`` (imports it only now).
+def create_engine(spec: ModelSpec, run_dir: Path | None = None) -> Engine:
+    """Load ``spec`` on its backend.
 
     ``run_dir`` is the server's run directory: engines of one server that share a
     device (the simulated one) coordinate through it.
     """
-    if model.backend == "onnxruntime":
-        from splitserve.engines.onnxruntime import OnnxRuntimeEngine
-
-        return OnnxRuntimeEngine(path, threads=model.threads or threads, options=model.options)
-    if model.backend == "tensorrt":  # ``path``: the prepared ONNX; the plan is built beside it
-        from splitserve.engines.tensorrt import TensorRTEngine
-
-        return TensorRTEngine(
-            path,
-            precision=model.precision,
-            max_batch_size=model.max_batch_size,
-            options=model.options,
+    target = BACKENDS.get(spec.backend)
+    if target is None:
+        raise ValueError(
+            f"unknown backend {spec.backend!r} for {spec.key}; available: {sorted(BACKENDS)}"
         )
-    if model.backend == "simulated":
-        from splitserve.engines.simulated import SimulatedEngine
-
-        return SimulatedEngine(model.options, run_dir)
-    if model.backend == "torch":  # a factory (``module:function``) is used as is
-        from splitserve.engines.torch import TorchEngine
-
-        return TorchEngine(
-            str(path) if model.path.endswith(".pt2") else model.path,
-            model.options,
-            max_batch_size=model.max_batch_size,
-            threads=model.threads or threads,
-        )
-    raise ValueError(f"unknown backend {model.backend!r} for {path.name}; available: {BACKENDS}")
+    module, _, name = target.partition(":")
+    backend: type[Engine] = getattr(importlib.import_module(module), name)
+    return backend.from_spec(spec, run_dir)

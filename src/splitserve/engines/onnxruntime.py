@@ -10,6 +10,7 @@ import numpy as np
 import onnxruntime as ort
 
 from splitserve.engines.base import Engine, TensorSpec
+from splitserve.spec import ModelSpec
 
 # onnxruntime reports element types as strings such as "tensor(float)".
 _ORT_TYPES = {
@@ -69,8 +70,13 @@ class OnnxRuntimeEngine(Engine):
         on_gpu = self.providers[0] in ("CUDAExecutionProvider", "TensorrtExecutionProvider")
         self.io_binding = bool(options.pop("io_binding", on_gpu))
         self._output_device = "cuda" if on_gpu else "cpu"
+        self.on_host_cores = not on_gpu
 
-    def infer(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    @classmethod
+    def from_spec(cls, spec: ModelSpec, run_dir: Path | None) -> OnnxRuntimeEngine:
+        return cls(Path(spec.source), threads=spec.threads, options=spec.options)
+
+    def run_batch(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self.io_binding:
             return self._infer_bound(batch)
         results = self.session.run(self._output_names, dict(batch))
@@ -85,6 +91,3 @@ class OnnxRuntimeEngine(Engine):
         self.session.run_with_iobinding(binding)
         results = binding.copy_outputs_to_cpu()
         return dict(zip(self._output_names, results, strict=True))
-
-    def metadata(self) -> dict[str, Any]:
-        return dict(self.session.get_modelmeta().custom_metadata_map)

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from splitserve.engines.base import Engine, TensorSpec
+from splitserve.spec import ModelSpec
 
 log = logging.getLogger("splitserve.engine")
 
@@ -67,10 +68,14 @@ class SimulatedEngine(Engine):
         self._rng = np.random.default_rng(0)
         log.warning("SIMULATED accelerator: t(batch) = %.3f ms + %.3f ms * batch", a_ms, b_ms)
 
+    @classmethod
+    def from_spec(cls, spec: ModelSpec, run_dir: Path | None) -> SimulatedEngine:
+        return cls(spec.options, run_dir)
+
     def latency_s(self, batch_size: int) -> float:
         return self.a_s + self.b_s * batch_size
 
-    def infer(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def run_batch(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows = next(iter(batch.values())).shape[0]
         outputs = {
             spec.name: self._rng.standard_normal((rows, *spec.shape[1:])).astype(spec.dtype)
@@ -83,6 +88,3 @@ class SimulatedEngine(Engine):
             finally:
                 fcntl.flock(self._device, fcntl.LOCK_UN)
         return outputs
-
-    def metadata(self) -> dict[str, Any]:
-        return {"simulated": "true", "latency_ms": f"{self.a_s * 1000}+{self.b_s * 1000}*batch"}

@@ -24,6 +24,7 @@ import numpy as np
 
 from splitserve.engines.base import Engine, TensorSpec
 from splitserve.errors import BadRequest
+from splitserve.spec import ModelSpec
 
 log = logging.getLogger("splitserve.engine.tensorrt")
 
@@ -180,7 +181,7 @@ def timing_cache_path() -> Path:
     """One timing cache per GPU model and TensorRT version (they are not portable)."""
     import re
 
-    from splitserve.compile.cache import cache_root, device_name
+    from splitserve.engines.device import cache_root, device_name
 
     trt = import_tensorrt()
     tag = re.sub(r"[^A-Za-z0-9.]+", "_", f"{device_name('tensorrt', {})}-{trt.__version__}")
@@ -204,6 +205,16 @@ class TensorRTEngine(Engine):
     The plan is built next to the ONNX file on first use (the engine cache's entry
     holds both) with the timing cache shared by all builds.
     """
+
+    @classmethod
+    def from_spec(cls, spec: ModelSpec, run_dir: Path | None) -> TensorRTEngine:
+        """``spec.source``: the prepared ONNX graph; the plan is built beside it."""
+        return cls(
+            Path(spec.source),
+            precision=spec.precision,
+            max_batch_size=spec.max_batch_size,
+            options=spec.options,
+        )
 
     def __init__(
         self,
@@ -251,7 +262,7 @@ class TensorRTEngine(Engine):
             for spec in self.inputs
         }
 
-    def infer(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def run_batch(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         with self._lock:
             return self._infer(batch)
 

@@ -32,10 +32,7 @@ processes (and threaded mode), never in CPU workers.
 
 from __future__ import annotations
 
-import importlib
 import logging
-import os
-import sys
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -45,6 +42,8 @@ import numpy as np
 import torch
 
 from splitserve.engines.base import Engine, TensorSpec
+from splitserve.importing import import_user_module
+from splitserve.spec import ModelSpec
 
 log = logging.getLogger("splitserve.engine")
 
@@ -117,9 +116,7 @@ def load_factory(target: str) -> Callable[[], Any]:
         raise ValueError(
             f"a torch model's path names a factory as 'package.module:function', got {target!r}"
         )
-    if os.getcwd() not in sys.path:  # as load_service does for service modules
-        sys.path.insert(0, os.getcwd())
-    factory = getattr(importlib.import_module(module_name), attr, None)
+    factory = getattr(import_user_module(module_name), attr, None)
     if not callable(factory):
         raise ValueError(f"{target!r}: {module_name} has no callable {attr!r}")
     return factory
@@ -183,6 +180,13 @@ class TorchEngine(Engine):
     CUDA-graph buckets; ``threads`` the intra-op threads on the CPU.
     """
 
+    @classmethod
+    def from_spec(cls, spec: ModelSpec, run_dir: Path | None) -> TorchEngine:
+        """``spec.source``: the factory as declared, or the resolved ``.pt2`` file."""
+        return cls(
+            spec.source, spec.options, max_batch_size=spec.max_batch_size, threads=spec.threads
+        )
+
     def __init__(
         self,
         target: str,
@@ -207,6 +211,7 @@ class TorchEngine(Engine):
         self.dtype = COMPUTE_DTYPES[dtype_name]
         self.device = resolve_device(options.get("device"))
         self.cuda = self.device.type == "cuda"
+        self.on_host_cores = not self.cuda
         use_graphs = bool(options.get("cuda_graphs", False))
         if use_graphs and not self.cuda:
             raise ValueError(
@@ -407,7 +412,7 @@ class TorchEngine(Engine):
 
     # --- the Engine interface --------------------------------------------------------------
 
-    def infer(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def run_batch(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         if not self.cuda:
             return self._run_cpu(batch)
         if self._graphs:

@@ -5,7 +5,7 @@ Routes:
   answer is the service's result as JSON (or bytes).
 - ``GET /v1/services``: the served services and their models.
 - ``GET /v1/stats``: cumulative counters (requests, per-stage times, batches, engine
-  busy time) for load generators; see runtime/stats.py.
+  busy time) for load generators; see splitserve/stats.py.
 - ``GET /health/live``: the process answers. ``GET /health/ready``: every engine has
   loaded and warmed up, and at least one CPU worker is ready (503 until then).
 
@@ -36,9 +36,8 @@ from splitserve.errors import (
     ServiceError,
     Unauthorized,
 )
-from splitserve.runtime.invoke import TIMINGS_HEADER, Reply, error_reply, timings_header
-from splitserve.runtime.messages import EngineStats
-from splitserve.runtime.stats import RequestStats
+from splitserve.replies import TIMINGS_HEADER, Reply, error_reply, timings_header
+from splitserve.stats import EngineStats, RequestStats
 
 log = logging.getLogger("splitserve.front")
 
@@ -187,7 +186,7 @@ def create_app(
 
     request_stats = RequestStats()
 
-    async def infer(request: HttpRequest) -> Response:
+    async def post_service(request: HttpRequest) -> Response:
         name = request.path_params["name"]
         try:
             if name not in catalogue:
@@ -218,7 +217,7 @@ def create_app(
         return JSONResponse({"status": "not ready"}, status_code=503)
 
     routes = [
-        Route("/v1/services/{name}", infer, methods=["POST"]),
+        Route("/v1/services/{name}", post_service, methods=["POST"]),
         Route("/v1/services", services, methods=["GET"]),
         Route("/v1/stats", stats, methods=["GET"]),
         Route("/health/live", live, methods=["GET"]),
@@ -226,22 +225,6 @@ def create_app(
     ]
     app = Starlette(routes=routes, lifespan=lifespan)
     return BearerAuth(app, cfg.auth_token) if cfg.auth_token else app
-
-
-def describe_services(classes: dict) -> dict[str, dict[str, Any]]:
-    return {
-        name: {
-            "models": {
-                m: {
-                    "backend": model.backend,
-                    "max_batch_size": model.max_batch_size,
-                    "max_delay_ms": model.max_delay_ms,
-                }
-                for m, model in cls.declared_models().items()
-            }
-        }
-        for name, cls in classes.items()
-    }
 
 
 def serve_app(app: Any, cfg: ServerConfig, dispatcher: Dispatcher) -> None:

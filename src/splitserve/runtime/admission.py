@@ -24,10 +24,14 @@ EWMA_WEIGHT = 0.1
 # A request is admitted only if it can finish within its deadline even when its job
 # runs this many mean deviations longer than the mean (jobs vary: OCR pages differ).
 SPREAD_MARGIN = 2.0
-# The longest a request may be expected to wait for a slot: one turnover of every slot
-# (the queue then refills each slot once, enough to keep them all busy), but at least
-# this many seconds, so that fast services keep a queue that absorbs bursts.
-MIN_QUEUE_WAIT_S = 1.0
+# The longest a request may be expected to wait for a slot, as a share of one job's
+# service time: the slots themselves hold the work the engines batch, so the queue only
+# has to refill a slot the moment it frees (a quarter turnover of every slot is plenty
+# under any overload), and a short queue keeps the latency of what is admitted near the
+# unloaded one and empties within a fraction of a second when the overload ends.
+QUEUE_WAIT_SHARE = 0.25
+# ...but at least this long, so that fast services keep a queue that absorbs bursts.
+MIN_QUEUE_WAIT_S = 0.5
 
 
 class AdmissionEstimate:
@@ -57,7 +61,7 @@ class AdmissionEstimate:
         return (self.service_s or 0.0) + SPREAD_MARGIN * self.spread_s
 
     def max_queue_wait(self) -> float:
-        return max(MIN_QUEUE_WAIT_S, self.service_s or 0.0)
+        return max(MIN_QUEUE_WAIT_S, QUEUE_WAIT_SHARE * (self.service_s or 0.0))
 
     def start_in(self, position: int, slots: int) -> float:
         """Seconds until the request ``position`` places in the queue (1 = next) starts."""
@@ -68,11 +72,12 @@ class AdmissionEstimate:
     def refusal(self, position: int, slots: int, remaining_s: float) -> str | None:
         """Why a request that would queue at ``position`` should be refused now, or None.
 
-        Refused when it would wait longer than ``max_queue_wait`` or could not finish,
+        Refused when it would wait longer than ``max_queue_wait()`` (unless it is next in
+        line: a queue of one only refills the slot that frees next) or could not finish,
         with margin, within the ``remaining_s`` seconds to its deadline.
         """
         wait = self.start_in(position, slots)
-        if wait > self.max_queue_wait():
+        if position > 1 and wait > self.max_queue_wait():  # the next in line may always wait
             return f"about {wait:.1f}s of queue ahead (the server is at capacity)"
         if wait + self.service_high_s > remaining_s:
             return (

@@ -4,16 +4,17 @@ The contract:
 
 - A request's rows (its inputs' axis 0) count toward ``max_batch_size``; a request with
   more rows than that is split over several batches and answered once all its rows ran.
-- A batch is formed as soon as ``max_batch_size`` compatible rows wait, or when the
-  oldest request has waited ``max_delay_s``, or at once when the average gap between
-  arrivals says none is expected before then, or when none came for two such gaps: a
-  lone client, or a burst whose senders all wait on this batch, pays no batching
-  delay, while a steady stream still fills the batch.
+- A batch is formed as soon as ``max_batch_size`` compatible rows wait, or as many
+  requests as the senders can have in flight (``max_senders``), or when the oldest
+  request has waited ``max_delay_s``, or at once when the average gap between arrivals
+  says none is expected before then, or when none came for two such gaps, or on
+  ``close``: a lone client, or a burst whose senders all wait on this batch, pays no
+  batching delay, while a steady stream still fills the batch.
 - Requests are compatible when their inputs agree in dtype and in every axis but the
   batch axis and the model's declared ``pad_axes``; along those, smaller inputs are
-  padded with ``pad_value`` to the largest in the batch (within ``pad_bucket``
-  elements of each other when it is set). Incompatible requests wait for
-  a batch of their own, in arrival order.
+  padded with ``pad_value`` to the largest in the batch. ``pad_bucket`` (> 0) cuts a
+  pad axis into fixed buckets (sizes 1..b, b+1..2b, ...): only sizes in one bucket
+  share a batch. Incompatible requests wait for a batch of their own, in arrival order.
 - The queue is bounded (``max_queue`` requests; ``submit`` raises ``Overloaded``), and
   requests whose deadline passed are handed back unrun by ``next_batch``.
 

@@ -54,10 +54,6 @@ class Channel:
         head = struct.pack(f"<{len(frames) + 1}I", len(frames), *lengths)
         self._writer.writelines([head, *frames])
 
-    async def drain(self) -> None:
-        """Wait while the peer is slow to read (the transport's high-water mark)."""
-        await self._writer.drain()
-
     async def recv(self) -> list[bytes]:
         try:
             (count,) = _U32.unpack(await self._reader.readexactly(4))
@@ -83,7 +79,7 @@ class Channel:
             self._writer.close()
 
 
-async def serve(path: str, on_channel: Callable[[Channel], Awaitable[None]]) -> asyncio.Server:
+async def listen(path: str, on_channel: Callable[[Channel], Awaitable[None]]) -> asyncio.Server:
     """Listen on a Unix socket; ``on_channel`` runs for each connection until it closes."""
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

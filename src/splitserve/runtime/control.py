@@ -13,17 +13,17 @@ from collections.abc import AsyncIterator
 import zmq
 import zmq.asyncio
 
-from splitserve.config import ServerConfig
 from splitserve.runtime import messages as msg
+from splitserve.runtime.rundir import RunDir
 
 
 class ControlSender:
     """A child's line to the supervisor (never blocks: the supervisor may be busy)."""
 
-    def __init__(self, cfg: ServerConfig) -> None:
+    def __init__(self, run: RunDir) -> None:
         self.socket = zmq.Context.instance().socket(zmq.PUSH)
         self.socket.setsockopt(zmq.SNDHWM, 16)
-        self.socket.connect(cfg.control_endpoint("control"))
+        self.socket.connect(run.control_endpoint("control"))
 
     def send(self, message: msg.ChildReady | msg.EngineStats) -> None:
         with contextlib.suppress(zmq.Again):
@@ -33,19 +33,19 @@ class ControlSender:
         self.socket.close(linger=2000)
 
 
-def report_ready(cfg: ServerConfig, role: str, index: int) -> None:
+def report_ready(run: RunDir, role: str, index: int) -> None:
     """Tell the supervisor this child is ready to serve."""
-    sender = ControlSender(cfg)
+    sender = ControlSender(run)
     sender.send(msg.ChildReady(role, index, os.getpid()))
     sender.close()
 
 
-async def server_states(cfg: ServerConfig) -> AsyncIterator[msg.ServerState]:
+async def server_states(run: RunDir) -> AsyncIterator[msg.ServerState]:
     """The supervisor's state broadcasts, as they come."""
     ctx = zmq.asyncio.Context.instance()
     sub = ctx.socket(zmq.SUB)
     sub.setsockopt(zmq.SUBSCRIBE, b"")
-    sub.connect(cfg.control_endpoint("state"))
+    sub.connect(run.control_endpoint("state"))
     try:
         while True:
             state = msg.control_decoder.decode(await sub.recv())

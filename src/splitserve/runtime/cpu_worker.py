@@ -15,21 +15,25 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from splitserve.config import ServerConfig
 from splitserve.errors import Cancelled, DeadlineExceeded, NotFound, ServiceError, Unavailable
+from splitserve.layout import load_services
+from splitserve.replies import Reply, error_reply
 from splitserve.runtime import channel as chan
 from splitserve.runtime import messages as msg
 from splitserve.runtime.control import report_ready
-from splitserve.runtime.invoke import Reply, error_reply, invoke_model, invoke_service
+from splitserve.runtime.invoke import invoke_model, invoke_service
 from splitserve.runtime.process import become_child, on_exit, run_loop
+from splitserve.runtime.rundir import RunDir
 from splitserve.runtime.shm import ShmAttachments, ShmPool
 from splitserve.runtime.transport import pack_tensors, unpack_tensors
 from splitserve.service import Request, Service, Tensors
+from splitserve.spec import ModelKey
 
 log = logging.getLogger("splitserve.worker")
 
@@ -76,21 +80,23 @@ class EngineLink:
 
 
 class CpuWorker:
-    def __init__(self, cfg: ServerConfig, index: int) -> None:
+    def __init__(
+        self, cfg: ServerConfig, run: RunDir, index: int, routes: Mapping[str, Sequence[int]]
+    ) -> None:
         self.cfg = cfg
+        self.run = run
         self.index = index
-        self.pool = ShmPool(cfg.supervisor_pid, cfg.shm_pool_bytes)
+        self.pool = ShmPool(run.supervisor_pid, cfg.shm_pool_bytes)
         on_exit(self.pool.close)
         self.attachments = ShmAttachments()
-        classes = cfg.load_services()
+        classes = load_services(cfg.services)
         self.services: dict[str, Service] = {name: cls() for name, cls in classes.items()}
-        layout = cfg.engine_layout(classes)
-        self.links = [EngineLink(j, cfg.engine_socket(j)) for j in range(len(layout))]
+        engine_count = 1 + max((j for js in routes.values() for j in js), default=-1)
+        self.links = [EngineLink(j, run.engine_socket(j)) for j in range(engine_count)]
         # model key -> the engine links hosting a replica of it
-        self.routes: dict[str, list[EngineLink]] = {}
-        for j, models in enumerate(layout):
-            for key in models:
-                self.routes.setdefault(key, []).append(self.links[j])
+        self.routes: dict[str, list[EngineLink]] = {
+            key: [self.links[j] for j in engines] for key, engines in routes.items()
+        }
         self._ids = itertools.count(1)
         self.front: chan.Channel | None = None
         self.tasks: set[asyncio.Task] = set()
@@ -106,11 +112,11 @@ class CpuWorker:
         """The ``infer`` callable a service's ``handle`` receives for one job."""
 
         async def infer(model: str, inputs: Mapping[str, np.ndarray]) -> Tensors:
-            return await self.infer(f"{service}/{model}", inputs, deadline, timings)
+            return await self.call_engine(str(ModelKey(service, model)), inputs, deadline, timings)
 
         return infer
 
-    async def infer(
+    async def call_engine(
         self,
         key: str,
         inputs: Mapping[str, np.ndarray],
@@ -125,7 +131,7 @@ class CpuWorker:
         started = time.monotonic()
         routes = self.routes.get(key)
         if not routes:
-            service, _, model = key.partition("/")
+            service, model = ModelKey.parse(key)
             raise NotFound(f"service {service!r} declares no model {model!r}")
         links = [link for link in routes if link.channel is not None]
         if not links:  # every replica is restarting: wait for one, within the deadline
@@ -275,15 +281,15 @@ class CpuWorker:
             with contextlib.suppress(chan.ChannelClosed):
                 self.front.send([msg.encode(header), reply.body])
 
-    async def serve(self) -> None:
+    async def main(self) -> None:
         for link in self.links:
             self._spawn(self.engine_link(link))
         for link in self.links:  # ready means able to reach every engine
             await link.connected.wait()
-        self.front = await chan.connect(self.cfg.socket_path("front"), timeout=float("inf"))
+        self.front = await chan.connect(self.run.socket_path("front"), timeout=float("inf"))
         hello = msg.WorkerHello(self.index, os.getpid(), self.cfg.worker_concurrency)
         self.front.send([msg.encode(hello)])
-        report_ready(self.cfg, "worker", self.index)
+        report_ready(self.run, "worker", self.index)
         while True:  # the front going away ends this worker (the supervisor restarts all)
             header, *frames = await self.front.recv()
             message = msg.front_decoder.decode(header)
@@ -299,9 +305,15 @@ class CpuWorker:
         return task
 
 
-def run_cpu_worker(cfg: ServerConfig, index: int) -> None:
-    """Entry point of a CPU worker process (started by the supervisor)."""
-    become_child(f"splitserve-cpu-{index}", cfg.supervisor_pid, cfg.log_level)
-    worker = CpuWorker(cfg, index)
+def run_cpu_worker(
+    cfg: ServerConfig, run: RunDir, index: int, routes: Mapping[str, Sequence[int]]
+) -> None:
+    """Entry point of a CPU worker process (started by the supervisor).
+
+    It gets the engines hosting each model (``routes``: every engine hosts one at least),
+    never the models' specs: nothing here loads a model.
+    """
+    become_child(f"splitserve-cpu-{index}", run.supervisor_pid, cfg.log_level)
+    worker = CpuWorker(cfg, run, index, routes)
     worker.setup()
-    run_loop(worker.serve())
+    run_loop(worker.main())

@@ -37,10 +37,11 @@ from splitserve.runtime import messages as msg
 from splitserve.runtime.batcher import Batch, Batcher, PendingRequest
 from splitserve.runtime.control import ControlSender, report_ready
 from splitserve.runtime.process import become_child, exit_now, on_exit, run_loop
+from splitserve.runtime.rundir import RunDir
 from splitserve.runtime.shm import ShmAttachments, ShmPool
-from splitserve.runtime.stats import ModelCounters
 from splitserve.runtime.transport import TransportError, pack_tensors, unpack_tensors
-from splitserve.service import Model
+from splitserve.spec import ModelSpec
+from splitserve.stats import ModelCounters
 
 log = logging.getLogger("splitserve.engine")
 
@@ -61,7 +62,13 @@ class ModelRunner(threading.Thread):
     """Runs the batches of one model and hands the replies to the I/O thread."""
 
     def __init__(
-        self, key: str, model: Model, engine: Engine, pool: ShmPool, deliver: Deliver
+        self,
+        key: str,
+        model: ModelSpec,
+        engine: Engine,
+        pool: ShmPool,
+        deliver: Deliver,
+        compute_slot: threading.Lock | None = None,
     ) -> None:
         super().__init__(name=f"model:{key}", daemon=True)
         self.key = key
@@ -83,6 +90,8 @@ class ModelRunner(threading.Thread):
         )
         self.pool = pool
         self.deliver = deliver
+        # Held while a batch computes on the host's cores (see EngineProcess).
+        self.compute_slot = compute_slot if engine.on_host_cores else None
         self.counters = ModelCounters(model.backend, engine.simulated)
         self._stop = threading.Event()
 
@@ -106,9 +115,10 @@ class ModelRunner(threading.Thread):
                         self.send_error(req.key, EngineFault(f"{type(exc).__name__}: {exc}"))
 
     def run_batch(self, batch: Batch) -> None:
-        started = time.monotonic()
         try:
-            outputs = self.engine.infer(batch.inputs)
+            with self.compute_slot or contextlib.nullcontext():
+                started = time.monotonic()
+                outputs = self.engine.run_batch(batch.inputs)
             check_outputs(outputs, batch.size)
         except Exception as exc:
             log.warning("%s: inference failed on a batch of %d: %s", self.key, batch.size, exc)
@@ -169,16 +179,13 @@ def error_header(key: ReplyTo, exc: BaseException) -> bytes:
 
 class EngineProcess:
     def __init__(
-        self,
-        cfg: ServerConfig,
-        index: int,
-        models: dict[str, Model],
-        classes: dict,
-        engine_count: int,
+        self, cfg: ServerConfig, run: RunDir, index: int, models: dict[str, ModelSpec]
     ) -> None:
         self.cfg = cfg
+        self.run = run
         self.index = index
-        self.pool = ShmPool(cfg.supervisor_pid, cfg.shm_pool_bytes)
+        # As in a CPU worker: a pool for what this process sends, maps of what it reads.
+        self.pool = ShmPool(run.supervisor_pid, cfg.shm_pool_bytes)
         on_exit(self.pool.close)
         self.attachments = ShmAttachments()
         # Output segments each connection still reads; freed by Release or on close.
@@ -186,27 +193,33 @@ class EngineProcess:
         # The jobs each connected worker may hold: a bound on the requests in flight.
         self.capacities: dict[chan.Channel, int] = {}
         self.loop: asyncio.AbstractEventLoop | None = None
-        threads = cfg.threads_per_engine(engine_count)
+        # One batch at a time computes on the host's cores in this process: each uses the
+        # process's `threads`, so models that run side by side (det, cls, rec) would
+        # otherwise run several times as many compute threads as cores and lose to the
+        # switching (measured: docs/benchmarks.md). Batches of other models queue for the
+        # slot as kernels queue for a GPU; accelerator batches never wait for it.
+        compute_slot = threading.Lock()
         self.runners: dict[str, ModelRunner] = {}
         for key, model in models.items():
-            path = cfg.model_file(classes[key.partition("/")[0]], key, model)
             started = time.monotonic()
-            engine = create_engine(model, path, threads=threads, run_dir=Path(cfg.run_dir))
+            engine = create_engine(model, run_dir=Path(run.path))
             self._warm_up(key, engine)
             log.info(
-                "engine %d loaded %s (%s, %d threads) in %.2fs",
+                "engine %d loaded %s (%s, %s threads) in %.2fs",
                 index,
                 key,
-                path.name,
-                threads,
+                Path(model.source).name,
+                model.threads,
                 time.monotonic() - started,
             )
-            self.runners[key] = ModelRunner(key, model, engine, self.pool, self.deliver)
+            self.runners[key] = ModelRunner(
+                key, model, engine, self.pool, self.deliver, compute_slot
+            )
 
     @staticmethod
     def _warm_up(key: str, engine: Engine) -> None:
         try:
-            engine.infer(engine.warmup_batch())
+            engine.run_batch(engine.warmup_batch())
         except Exception as exc:  # a model with strict shapes: the first request warms it
             log.warning("%s: warm-up with a generic batch failed (%s)", key, exc)
 
@@ -225,12 +238,12 @@ class EngineProcess:
         with contextlib.suppress(chan.ChannelClosed):
             channel.send(frames)
 
-    async def serve(self) -> None:
+    async def main(self) -> None:
         self.loop = asyncio.get_running_loop()
         for runner in self.runners.values():
             runner.start()
-        server = await chan.serve(self.cfg.engine_socket(self.index), self.on_channel)
-        report_ready(self.cfg, "engine", self.index)
+        server = await chan.listen(self.run.engine_socket(self.index), self.on_channel)
+        report_ready(self.run, "engine", self.index)
         reporter = asyncio.create_task(self.report_stats())
         watchdog = asyncio.create_task(self.watch_runners())
         try:
@@ -253,7 +266,7 @@ class EngineProcess:
 
     async def report_stats(self, interval_s: float = 1.0) -> None:
         """Send this engine's counters to the supervisor every ``interval_s``."""
-        sender = ControlSender(self.cfg)
+        sender = ControlSender(self.run)
         started = time.monotonic()
         while True:
             await asyncio.sleep(interval_s)
@@ -321,10 +334,11 @@ class EngineProcess:
                 channel.send([error_header(key, exc)])
 
 
-def run_engine_process(cfg: ServerConfig, index: int) -> None:
-    """Entry point of an engine process (started by the supervisor)."""
-    become_child(f"splitserve-engine-{index}", cfg.supervisor_pid, cfg.log_level)
-    classes = cfg.load_services()
-    layout = cfg.engine_layout(classes)
-    engine = EngineProcess(cfg, index, layout[index], classes, len(layout))
-    run_loop(engine.serve())
+def run_engine_process(
+    cfg: ServerConfig, run: RunDir, index: int, models: dict[str, ModelSpec]
+) -> None:
+    """Entry point of an engine process (started by the supervisor with its models'
+    resolved specs: it imports no service module)."""
+    become_child(f"splitserve-engine-{index}", run.supervisor_pid, cfg.log_level)
+    engine = EngineProcess(cfg, run, index, models)
+    run_loop(engine.main())

@@ -21,12 +21,13 @@ from dataclasses import dataclass, field
 from splitserve.config import ServerConfig
 from splitserve.errors import DeadlineExceeded, Overloaded, Unavailable
 from splitserve.protocol.rest import create_app, serve_app
+from splitserve.replies import Reply
 from splitserve.runtime import channel as chan
 from splitserve.runtime import messages as msg
 from splitserve.runtime.admission import AdmissionEstimate
 from splitserve.runtime.control import report_ready, server_states
-from splitserve.runtime.invoke import Reply
 from splitserve.runtime.process import become_child
+from splitserve.runtime.rundir import RunDir
 
 log = logging.getLogger("splitserve.front")
 
@@ -64,8 +65,9 @@ class Waiter:
 class SplitDispatcher:
     mode = "split"
 
-    def __init__(self, cfg: ServerConfig) -> None:
+    def __init__(self, cfg: ServerConfig, run: RunDir) -> None:
         self.cfg = cfg
+        self.run = run
         self.tasks: list[asyncio.Task] = []
         self.workers: dict[chan.Channel, WorkerSlot] = {}
         self.waiters: deque[Waiter] = deque()
@@ -76,12 +78,12 @@ class SplitDispatcher:
 
     async def start(self) -> None:
         """Listen for workers (inside the HTTP server's event loop)."""
-        self.server = await chan.serve(self.cfg.socket_path("front"), self.on_worker)
+        self.server = await chan.listen(self.run.socket_path("front"), self.on_worker)
         self.tasks = [
             asyncio.create_task(self.watch_state()),
             asyncio.create_task(self.shed_late_waiters()),
         ]
-        report_ready(self.cfg, "front", 0)
+        report_ready(self.run, "front", 0)
 
     def stop(self) -> None:
         for task in self.tasks:
@@ -277,14 +279,14 @@ class SplitDispatcher:
 
     async def watch_state(self) -> None:
         """Follow the supervisor's view of the engines (for readiness)."""
-        async for state in server_states(self.cfg):
+        async for state in server_states(self.run):
             self.state = state
 
 
-def run_front(cfg: ServerConfig, catalogue: dict) -> None:
+def run_front(cfg: ServerConfig, run: RunDir, catalogue: dict) -> None:
     """Entry point of the front process (started by the supervisor)."""
-    become_child("splitserve-front", cfg.supervisor_pid, cfg.log_level)
-    dispatcher = SplitDispatcher(cfg)
+    become_child("splitserve-front", run.supervisor_pid, cfg.log_level)
+    dispatcher = SplitDispatcher(cfg, run)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):

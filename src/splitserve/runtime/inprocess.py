@@ -19,11 +19,13 @@ import numpy as np
 
 from splitserve.engines.base import Engine, create_engine
 from splitserve.errors import DeadlineExceeded, NotFound
-from splitserve.runtime import messages as msg
+from splitserve.layout import Declaration, resolve
+from splitserve.replies import Reply, error_reply
 from splitserve.runtime.batcher import stack_padded
-from splitserve.runtime.invoke import Reply, error_reply, invoke_model, invoke_service
-from splitserve.runtime.stats import ModelCounters
-from splitserve.service import DEFAULT_MAX_IMAGE_PIXELS, Request, Service, Tensors
+from splitserve.runtime.invoke import invoke_model, invoke_service
+from splitserve.service import DEFAULT_MAX_IMAGE_PIXELS, Model, Request, Service, Tensors
+from splitserve.spec import ModelKey
+from splitserve.stats import EngineStats, ModelCounters, ModelStats
 
 
 class InProcessService:
@@ -34,6 +36,7 @@ class InProcessService:
     batching: a request's inference runs on its own, in chunks of the model's limit.
 
     ``artifacts`` replaces model files by name (built engines: see splitserve.compile);
+    ``models`` replaces the class's declarations (a config file's overrides);
     ``observe`` sees every model's inputs before they run (calibration capture).
     """
 
@@ -44,6 +47,7 @@ class InProcessService:
         engine_threads: int | None = None,
         max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
         artifacts: Mapping[str, Path] | None = None,
+        models: Mapping[str, Model] | None = None,
         observe: Callable[[str, Mapping[str, np.ndarray]], None] | None = None,
     ) -> None:
         self.name = cls.service_name()
@@ -51,10 +55,11 @@ class InProcessService:
         self.observe = observe
         self.engines: dict[str, tuple[Engine, int, ModelCounters]] = {}
         artifacts = artifacts or {}
-        for model_name, model in cls.declared_models().items():
-            path = artifacts.get(model_name) or cls.model_path(model)
-            engine = create_engine(model, Path(path), threads=engine_threads)
-            engine.infer(engine.warmup_batch())
+        for model_name, model in (models or cls.declared_models()).items():
+            key = ModelKey(self.name, model_name)
+            spec = resolve(Declaration(key, cls, model), artifacts.get(model_name), engine_threads)
+            engine = create_engine(spec)
+            engine.run_batch(engine.warmup_batch())
             limit = min(model.max_batch_size, engine.max_batch_size or model.max_batch_size)
             counters = ModelCounters(model.backend, engine.simulated)
             self.engines[model_name] = (engine, limit, counters)
@@ -76,7 +81,7 @@ class InProcessService:
             if self.observe is not None:  # what the engine runs: batches within its limit
                 self.observe(model, chunk)
             began = time.monotonic()
-            chunks.append(engine.infer(chunk))
+            chunks.append(engine.run_batch(chunk))
             counters.record(min(limit, rows - start), time.monotonic() - began, 0.0)
         if counters.simulated:
             self._local.simulated = True
@@ -126,14 +131,16 @@ class InProcessService:
             reply.timings["simulated_accelerator"] = 1
         return reply
 
-    def model_stats(self) -> dict[str, msg.ModelStats]:
-        return {f"{self.name}/{m}": entry[2].snapshot() for m, entry in self.engines.items()}
+    def model_stats(self) -> dict[str, ModelStats]:
+        return {
+            str(ModelKey(self.name, m)): entry[2].snapshot() for m, entry in self.engines.items()
+        }
 
 
-def engine_stats(services: list[InProcessService]) -> list[msg.EngineStats]:
+def engine_stats(services: list[InProcessService]) -> list[EngineStats]:
     """This process as the one 'engine' of ``/v1/stats``."""
-    models: dict[str, msg.ModelStats] = {}
+    models: dict[str, ModelStats] = {}
     for service in services:
         models.update(service.model_stats())
     uptime = time.monotonic() - min((s.started for s in services), default=time.monotonic())
-    return [msg.EngineStats(0, os.getpid(), uptime, models)]
+    return [EngineStats(0, os.getpid(), uptime, models)]

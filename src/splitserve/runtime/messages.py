@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import msgspec
 
+from splitserve.stats import EngineStats
+
 
 class TensorRef(msgspec.Struct, array_like=True, frozen=True):
     """Where a tensor's bytes are: payload frame ``frame``, or a shared-memory segment."""
@@ -125,29 +127,6 @@ class ChildReady(msgspec.Struct, tag="ready", array_like=True):
     role: str
     index: int
     pid: int
-
-
-class ModelStats(msgspec.Struct, array_like=True):
-    backend: str
-    simulated: bool = False
-    batches: int = 0
-    rows: int = 0
-    busy_s: float = 0.0
-    queue_ms_sum: float = 0.0
-    batch_sizes: dict[int, int] = {}
-
-
-class EngineStats(msgspec.Struct, tag="engine_stats", array_like=True):
-    """One engine process's counters, sent to the supervisor every second."""
-
-    index: int
-    pid: int
-    uptime_s: float
-    models: dict[str, ModelStats]
-
-    @property
-    def busy_s(self) -> float:
-        return sum(m.busy_s for m in self.models.values())
 
 
 class ServerState(msgspec.Struct, tag="state", array_like=True):

@@ -65,12 +65,13 @@ class _Segment:
 class ShmPool:
     """Reusable slots owned by this process, bounded in total bytes.
 
+    ``max_bytes`` comes from the settings (``ServerConfig.shm_pool_bytes``).
     ``allocate`` returns ``None`` when the bound would be passed; the caller then sends
     the tensor inline instead, so a full pool slows a request down but never fails it.
     Thread-safe: an engine's model threads and its I/O thread share one pool.
     """
 
-    def __init__(self, supervisor_pid: int, max_bytes: int = 1 << 30) -> None:
+    def __init__(self, supervisor_pid: int, max_bytes: int) -> None:
         self._prefix = f"{segment_prefix(supervisor_pid)}{os.getpid()}-"
         self._max_bytes = max_bytes
         self._total = 0

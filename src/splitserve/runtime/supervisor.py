@@ -1,10 +1,12 @@
 """The supervisor: starts the front, the CPU workers and the engines, and keeps them up.
 
-It owns the run directory (the ipc sockets), listens for ``ChildReady`` on a PULL
-socket, and publishes ``ServerState`` on a PUB socket on every change and every
-``STATE_INTERVAL_S`` (so late subscribers catch up). A child that dies is restarted
-after a short back-off; its shared-memory segments are removed, and the state it
-publishes tells the front and the workers to fail what was in flight there.
+It gets the settings and the layout (each engine's resolved model specs, the workers'
+routes, the front's catalogue), owns the run directory (the sockets), listens for
+``ChildReady`` and ``EngineStats`` on a PULL socket, and publishes ``ServerState`` on a
+PUB socket on every change and every ``STATE_INTERVAL_S`` (so a late subscriber catches
+up); the front follows it for readiness and engine statistics. A child that dies is
+restarted after a short back-off and its shared-memory segments are removed; its peers
+notice the death themselves, when its connection closes.
 """
 
 from __future__ import annotations
@@ -19,18 +21,19 @@ import signal
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
 
 import zmq
 
-from splitserve.config import ServerConfig, build_engines
-from splitserve.protocol.rest import describe_services
+from splitserve.config import ServerConfig
+from splitserve.layout import Layout
 from splitserve.runtime import messages as msg
 from splitserve.runtime.cpu_worker import run_cpu_worker
 from splitserve.runtime.engine_worker import run_engine_process
 from splitserve.runtime.front import run_front
-from splitserve.runtime.process import check_port_free, configure_logging
+from splitserve.runtime.process import configure_logging
+from splitserve.runtime.rundir import RunDir
 from splitserve.runtime.shm import remove_segments
 
 log = logging.getLogger("splitserve.supervisor")
@@ -57,30 +60,26 @@ class Child:
 
 
 class Supervisor:
-    def __init__(self, cfg: ServerConfig) -> None:
-        check_port_free(cfg.host, cfg.port)
-        classes = cfg.load_services()
-        artifacts = build_engines(classes)
-        run_dir = tempfile.mkdtemp(prefix="splitserve-")
-        os.chmod(run_dir, 0o700)  # the sockets inside: this user only (docs/security.md)
-        self.cfg = replace(cfg, run_dir=run_dir, supervisor_pid=os.getpid(), artifacts=artifacts)
+    def __init__(self, cfg: ServerConfig, layout: Layout) -> None:
+        self.cfg = cfg
+        self.run_dir = run = RunDir(tempfile.mkdtemp(prefix="splitserve-"), os.getpid())
+        os.chmod(run.path, 0o700)  # the sockets inside: this user only (docs/security.md)
         self.mp = multiprocessing.get_context("spawn")
-        layout = self.cfg.engine_layout(classes)
-        catalogue = describe_services(classes)
         self.children = [
-            Child("engine", j, run_engine_process, (self.cfg, j), {}) for j in range(len(layout))
+            Child("engine", j, run_engine_process, (cfg, run, j, models), {})
+            for j, models in enumerate(layout.engines)
         ]
         self.children += [
-            Child("worker", i, run_cpu_worker, (self.cfg, i), WORKER_ENV)
-            for i in range(self.cfg.cpu_workers)
+            Child("worker", i, run_cpu_worker, (cfg, run, i, layout.routes), WORKER_ENV)
+            for i in range(cfg.cpu_workers)
         ]
-        self._front_child = Child("front", 0, run_front, (self.cfg, catalogue), WORKER_ENV)
+        self._front_child = Child("front", 0, run_front, (cfg, run, layout.catalogue), WORKER_ENV)
         self.children.append(self._front_child)
         self.ctx = zmq.Context()
         self.control = self.ctx.socket(zmq.PULL)
-        self.control.bind(self.cfg.control_endpoint("control"))
+        self.control.bind(run.control_endpoint("control"))
         self.state_pub = self.ctx.socket(zmq.PUB)
-        self.state_pub.bind(self.cfg.control_endpoint("state"))
+        self.state_pub.bind(run.control_endpoint("state"))
         self._stopping = False
         self._drain_until = 0.0  # set by the first SIGTERM/SIGINT
         self.engine_stats: dict[int, msg.EngineStats] = {}
@@ -196,7 +195,7 @@ class Supervisor:
                     proc.exitcode,
                 )
                 if proc.pid:
-                    remove_segments(self.cfg.supervisor_pid, proc.pid)
+                    remove_segments(self.run_dir.supervisor_pid, proc.pid)
                 child.process = None
                 child.ready_pid = 0
                 delay = RESTART_BACKOFF_S[min(child.restarts, len(RESTART_BACKOFF_S) - 1)]
@@ -219,12 +218,13 @@ class Supervisor:
             if proc.is_alive():
                 proc.kill()
                 proc.join(1.0)
-        remove_segments(self.cfg.supervisor_pid)
+        remove_segments(self.run_dir.supervisor_pid)
         self.ctx.destroy(linger=0)
-        shutil.rmtree(self.cfg.run_dir, ignore_errors=True)
+        shutil.rmtree(self.run_dir.path, ignore_errors=True)
         log.info("stopped")
 
 
-def serve_split(cfg: ServerConfig) -> int:
+def serve_split(cfg: ServerConfig, layout: Layout) -> int:
+    """Serve ``layout`` (engines already built: see ``splitserve.cli``) until stopped."""
     configure_logging(cfg.log_level)
-    return Supervisor(cfg).run()
+    return Supervisor(cfg, layout).run()

@@ -15,15 +15,18 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
-from splitserve.config import ServerConfig, build_engines
+from splitserve.config import ServerConfig
 from splitserve.errors import DeadlineExceeded, Overloaded, Unavailable
-from splitserve.protocol.rest import create_app, describe_services, serve_app
-from splitserve.runtime import messages as msg
+from splitserve.layout import Services
+from splitserve.protocol.rest import create_app, serve_app
+from splitserve.replies import Reply
 from splitserve.runtime.inprocess import InProcessService, engine_stats
-from splitserve.runtime.invoke import Reply
-from splitserve.runtime.process import check_port_free, configure_logging
+from splitserve.runtime.process import configure_logging
+from splitserve.stats import EngineStats
 
 log = logging.getLogger("splitserve.threaded")
 
@@ -31,24 +34,22 @@ log = logging.getLogger("splitserve.threaded")
 class ThreadedDispatcher:
     mode = "threaded"
 
-    def __init__(self, cfg: ServerConfig) -> None:
+    def __init__(self, cfg: ServerConfig, services: Services, built: Mapping[str, str]) -> None:
         self.cfg = cfg
-        classes = cfg.load_services()
-        cfg.artifacts = build_engines(classes)
-        self.catalogue = describe_services(classes)
+        self.catalogue = services.catalogue()
         # engine_threads None: the backend's default (all cores), as a classic service has
-        self.services = {
-            name: InProcessService(
+        self.services = {}
+        for name, cls in services.classes.items():
+            models = services.models_of(name)
+            self.services[name] = InProcessService(
                 cls,
                 engine_threads=cfg.engine_threads,
                 max_image_pixels=cfg.max_image_pixels,
                 artifacts={
-                    m: cfg.model_file(cls, f"{name}/{m}", model)
-                    for m, model in cls.declared_models().items()
+                    m: Path(built[str(d.key)]) for m, d in models.items() if str(d.key) in built
                 },
+                models={m: d.model for m, d in models.items()},
             )
-            for name, cls in classes.items()
-        }
         self.pool = ThreadPoolExecutor(cfg.threads, thread_name_prefix="request")
         self._admitted = 0
         self._lock = threading.Lock()
@@ -63,7 +64,7 @@ class ThreadedDispatcher:
     def in_flight(self) -> int:
         return self._admitted
 
-    def engine_stats(self) -> list[msg.EngineStats]:
+    def engine_stats(self) -> list[EngineStats]:
         return engine_stats(list(self.services.values()))
 
     async def dispatch(
@@ -100,10 +101,10 @@ class ThreadedDispatcher:
             self._admitted -= 1
 
 
-def serve_threaded(cfg: ServerConfig) -> int:
+def serve_threaded(cfg: ServerConfig, services: Services, built: Mapping[str, str]) -> int:
+    """Serve the declared models (engines already built: see ``splitserve.cli``)."""
     configure_logging(cfg.log_level)
-    check_port_free(cfg.host, cfg.port)
-    dispatcher = ThreadedDispatcher(cfg)
+    dispatcher = ThreadedDispatcher(cfg, services, built)
     log.info(
         "serving %s in threaded mode on http://%s:%d (%d threads)",
         ", ".join(cfg.services),

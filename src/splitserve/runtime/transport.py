@@ -2,7 +2,9 @@
 
 A tensor at or under ``INLINE_MAX_BYTES`` travels as a frame of its own in the message
 (written from the array's buffer, no extra copy); a larger one is written once into
-the sender's shared-memory pool and read in place by the receiver.
+the sender's shared-memory pool. The engine reads its inputs in place (views on the
+worker's segments, until it answers); a CPU worker copies its outputs out of the
+engine's segments (``copy_shared``) and releases them at once.
 """
 
 from __future__ import annotations
@@ -107,7 +109,7 @@ def unpack_tensors(
             buf = attachments.view(ref.segment, nbytes)
         elif 0 <= ref.frame < len(frames):
             frame = frames[ref.frame]
-            buf = frame.buffer if hasattr(frame, "buffer") else memoryview(frame)
+            buf = memoryview(frame)
             if len(buf) != nbytes:
                 raise TransportError(
                     f"tensor {ref.name!r}: frame holds {len(buf)} bytes, {nbytes} announced"

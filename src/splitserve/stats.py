@@ -1,9 +1,10 @@
-"""Counters behind ``GET /v1/stats`` (and, later, the Prometheus metrics).
+"""Counters behind ``GET /v1/stats``.
 
 All counters are cumulative since the process started, so a client takes two snapshots
 and subtracts (busy fraction = delta busy_s / delta wall time). Engines count per model
-and report to the supervisor once a second over the control plane; the front counts
-requests and per-stage times from the timings every reply carries.
+and report to the supervisor once a second over the control plane (``EngineStats``);
+the front counts requests and per-stage times from the timings every reply carries.
+Engines, the front and threaded mode all use this module, so it belongs to none of them.
 """
 
 from __future__ import annotations
@@ -13,7 +14,31 @@ import time
 from collections import Counter
 from typing import Any
 
-from splitserve.runtime.messages import EngineStats, ModelStats
+import msgspec
+
+
+class ModelStats(msgspec.Struct, array_like=True):
+    backend: str
+    simulated: bool = False
+    batches: int = 0
+    rows: int = 0
+    busy_s: float = 0.0
+    queue_ms_sum: float = 0.0
+    batch_sizes: dict[int, int] = {}
+
+
+class EngineStats(msgspec.Struct, tag="engine_stats", array_like=True):
+    """One engine process's counters, sent to the supervisor every second."""
+
+    index: int
+    pid: int
+    uptime_s: float
+    models: dict[str, ModelStats]
+
+    @property
+    def busy_s(self) -> float:
+        return sum(m.busy_s for m in self.models.values())
+
 
 # Reply timings (ms) that the front sums per stage, under the stage's public name.
 STAGES = {

@@ -1,0 +1,79 @@
+"""A service's answer as HTTP sends it, in every process that handles one.
+
+``Reply`` is made where the service runs (a CPU worker, a request thread) and sent by
+the HTTP layer; the load generator reads the timings header it carries. Kept apart
+from the runtime and the protocol so that both, and the load generator, use it.
+"""
+
+from __future__ import annotations
+
+import math
+import mimetypes
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import numpy as np
+
+from splitserve.errors import error_status_and_kind
+
+JSON = "application/json"
+OCTET_STREAM = "application/octet-stream"
+# Where a request's time went, per stage (ms), answered with every reply.
+TIMINGS_HEADER = "X-Splitserve-Timings"
+
+
+@dataclass
+class Reply:
+    status: int
+    content_type: str
+    body: bytes
+    timings: dict[str, float] = field(default_factory=dict)
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def _json_default(value: Any) -> Any:
+    """Let services return numpy scalars and arrays in JSON results."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"cannot encode {type(value).__name__} as JSON")
+
+
+_json_encoder = msgspec.json.Encoder(enc_hook=_json_default)
+
+
+def timings_header(timings: dict[str, float]) -> str:
+    """The ``TIMINGS_HEADER`` value: ``stage=ms,stage=ms`` (``bench`` parses it)."""
+    return ",".join(f"{k}={v:.3f}" for k, v in timings.items())
+
+
+def error_reply(exc: BaseException) -> Reply:
+    status, kind, message = error_status_and_kind(exc)
+    body = _json_encoder.encode({"error": {"type": kind, "message": message}})
+    headers = {}
+    if status == 503:  # whole seconds (RFC 9110), at least 1
+        retry_after = getattr(exc, "retry_after_s", 1.0)
+        headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
+    elif status == 401:
+        headers["WWW-Authenticate"] = 'Bearer realm="splitserve"'
+    return Reply(status, JSON, body, headers=headers)
+
+
+def result_reply(result: Any) -> Reply:
+    if isinstance(result, bytes | bytearray | memoryview):
+        return Reply(200, OCTET_STREAM, bytes(result))
+    return Reply(200, JSON, _json_encoder.encode(result))
+
+
+def guess_content_type(path: Path) -> str:
+    """The content type a file is sent with, from its extension (octet-stream if unknown).
+
+    The load generator sends files with it, and ``splitserve build`` runs calibration
+    requests with it, so both present a file to a service alike.
+    """
+    if path.suffix.lower() == ".json":
+        return JSON
+    return mimetypes.guess_type(path.name)[0] or OCTET_STREAM

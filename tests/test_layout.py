@@ -1,0 +1,29 @@
+"""The default layout chosen from the machine and the models (runtime/layout.py)."""
+
+from __future__ import annotations
+
+import splitserve
+from splitserve.layout import MAX_CPU_REPLICAS, default_layout, on_accelerator
+
+CPU_MODEL = splitserve.Model("m.onnx")
+SIMULATED = splitserve.Model(backend="simulated", options={"latency_ms": [1, 1]})
+
+
+def test_cpu_models_get_one_engine_per_core_and_a_worker_per_four_cores() -> None:
+    assert default_layout({"s/m": CPU_MODEL}, cores=2) == (1, 2)
+    assert default_layout({"s/m": CPU_MODEL}, cores=8) == (2, 8)
+    assert default_layout({"s/m": CPU_MODEL}, cores=32).engine_replicas == MAX_CPU_REPLICAS
+
+
+def test_accelerator_models_get_one_engine_and_a_worker_per_core_but_one() -> None:
+    assert on_accelerator(SIMULATED)
+    assert default_layout({"s/m": SIMULATED}, cores=16) == (15, None)
+    cuda = splitserve.Model("m.onnx", options={"providers": ["CUDAExecutionProvider"]})
+    assert on_accelerator(cuda)
+    assert not on_accelerator(splitserve.Model("pkg:make", backend="torch"))
+
+
+def test_declared_replicas_and_flags_win() -> None:
+    two = splitserve.Model("m.onnx", replicas=2)
+    assert default_layout({"s/a": CPU_MODEL, "s/b": two}, cores=4).engine_replicas is None
+    assert default_layout({"s/m": CPU_MODEL}, cores=4, cpu_workers=3).cpu_workers == 3
