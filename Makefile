@@ -4,8 +4,12 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
+# Triton's venv (benchmarks/peers/triton_app.py) needs a Python 3.12 with a shared libpython
+# (pyenv's builds have one); nvidia-pytriton pins numpy<2, so it cannot share $(VENV).
+TRITON_PYTHON ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python) python3.12)
+TRITON_VENV ?= .venv-triton
 
-.PHONY: serve dev test lint clean protos kserve-venv
+.PHONY: serve dev test lint clean protos kserve-venv peers-venvs
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +43,16 @@ $(KSERVE_VENV)/installed:
 protos: $(BIN)/python
 	cd src/splitserve/protocol/grpc_v2 && $(CURDIR)/$(BIN)/python -m grpc_tools.protoc -I. --python_out=. inference.proto
 
+# The other servers of benchmarks/peers: their packages in $(VENV) (the peers extra:
+# Flask, gunicorn, LitServe, Ray Serve, BentoML), and Triton's venv of its own.
+peers-venvs: $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[ocr,bench,peers]'
+	$(TRITON_PYTHON) -c 'import sys, sysconfig; sys.exit(not sysconfig.get_config_var("Py_ENABLE_SHARED"))' \
+		|| { echo "$(TRITON_PYTHON) has no shared libpython (Triton's stubs need one)"; exit 1; }
+	test -x $(TRITON_VENV)/bin/python || $(TRITON_PYTHON) -m venv $(TRITON_VENV)
+	$(TRITON_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(TRITON_VENV)/bin/pip install --quiet 'nvidia-pytriton==0.7.0' -e '.[ocr]'
+
 # Style, formatting, and the package layering (pyproject.toml [tool.importlinter]).
 lint: dev
 	$(BIN)/ruff check src tests examples benchmarks
@@ -46,4 +60,4 @@ lint: dev
 	$(BIN)/lint-imports
 
 clean:
-	rm -rf $(VENV) $(KSERVE_VENV) build *.egg-info src/*.egg-info tests/_models examples/noop/identity.onnx
+	rm -rf $(VENV) $(KSERVE_VENV) $(TRITON_VENV) build *.egg-info src/*.egg-info tests/_models examples/noop/identity.onnx

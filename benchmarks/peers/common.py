@@ -9,11 +9,16 @@ thread settings each framework really ran with (Ray, for one, sets ``OMP_NUM_THR
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from splitserve.bench import loadgen
+from splitserve.bench.bodies import Payload
 from splitserve.replies import TIMINGS_HEADER, Reply, timings_header
 from splitserve.runtime.inprocess import InProcessService
 
@@ -72,3 +77,45 @@ def reply_headers(reply: Reply) -> dict[str, str]:
     if reply.timings:
         headers[TIMINGS_HEADER] = timings_header(reply.timings)
     return headers
+
+
+@dataclass(frozen=True)
+class HeaderPayload(Payload):
+    """A request body sent with headers beyond Content-Type (Triton's KServe v2 binary
+    request needs ``Inference-Header-Content-Length``)."""
+
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+@contextlib.contextmanager
+def payload_headers() -> Iterator[None]:
+    """While open, the load generator's aiohttp client also sends each
+    ``HeaderPayload``'s headers (its own headers are Content-Type only).
+
+    The load generator builds each client's per-body headers once, before the load
+    starts; this wraps its client factory to add the extra ones there, so the load loop
+    itself is unchanged and costs the same per request. Only the aiohttp client (the one
+    run_peers.py uses) is supported; the raw client builds its request bytes elsewhere.
+    """
+    original = loadgen._client_factory
+
+    def factory(url: str, payloads: list[Payload], client: str, *args: Any) -> Any:
+        make = original(url, payloads, client, *args)
+        extra = [dict(getattr(p, "headers", ())) for p in payloads]
+        if not any(extra):
+            return make
+        if client != "aiohttp":
+            raise ValueError(f"extra request headers need the aiohttp client, not {client!r}")
+
+        def make_with_headers() -> Any:
+            conn = make()
+            conn.headers = [{**own, **more} for own, more in zip(conn.headers, extra, strict=True)]
+            return conn
+
+        return make_with_headers
+
+    loadgen._client_factory = factory
+    try:
+        yield
+    finally:
+        loadgen._client_factory = original

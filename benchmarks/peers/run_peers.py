@@ -6,8 +6,15 @@ only the way requests reach the code differs. For each server, one at a time: st
 as a subprocess on a free 127.0.0.1 port, wait until every model-loading process is up,
 check its answers on the benchmark images against ``rapidocr_onnxruntime.RapidOCR()``,
 run the closed-loop load at each concurrency (``loadgen.run_closed_loop``), stop it by
-pid and kill by pid anything it left (Ray's GCS and raylet included). Rounds interleave
-the servers; the summary takes medians over rounds (``modes.summarise``).
+pid and kill by pid anything it left (Ray's GCS and raylet, Triton's server and stubs,
+BentoML's workers included). Rounds interleave the servers; the summary takes medians
+over rounds (``modes.summarise``).
+
+Each server gets the request it documents for an image: most take the image as the
+body; Triton (triton_app.py) a KServe v2 binary-tensor request, BentoML
+(bentoml_app.py) a multipart form, both built once per image before the load, like the
+raw bodies. Triton runs in a virtual environment of its own (``make peers-venvs``
+builds ``.venv-triton``); BentoML comes with the peers extra.
 
     python benchmarks/peers/run_peers.py [--quick] [--only flask gunicorn ...]
         [--rounds N] [--duration S] [--concurrency 4 16] [--engine-threads T] [--out DIR]
@@ -47,7 +54,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))  # the re
 from loadgen import free_port, machine, run_closed_loop, start_server
 from modes import summarise
 
-from benchmarks.peers.common import HEALTH, INFO_DIR_ENV, ROUTE, parse_threads
+from benchmarks.peers import triton_app
+from benchmarks.peers.common import (
+    HEALTH,
+    INFO_DIR_ENV,
+    ROUTE,
+    HeaderPayload,
+    Payload,
+    parse_threads,
+    payload_headers,
+)
 from examples.ocr.compare import compare_ocr
 from examples.ocr.make_images import generate_documents
 from splitserve.bench.servers import interrupt_then_kill
@@ -57,6 +73,11 @@ REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 OCR = "examples.ocr.service:OCRService"
 CONTENT_TYPE = "image/jpeg"
 MAX_REQUESTS = 200_000  # per measured window; the window's duration ends it first
+# Triton's virtual environment (``make peers-venvs``): PyTriton wants numpy < 2 and a
+# Python with a shared libpython. Its folder under the repository:
+TRITON_VENV = ".venv-triton"
+# What is recorded of such a venv of its own (besides its Python's version).
+VENV_VERSIONED = ("nvidia-pytriton", "tritonclient", "onnxruntime", "numpy", "opencv-python")
 READY_TIMEOUT_S = 240.0  # Ray on two cores takes tens of seconds
 STOP_GRACE_S = 60.0  # Ray's shutdown of Serve and its processes takes a while
 VERSIONED = (
@@ -69,6 +90,7 @@ VERSIONED = (
     "starlette",
     "uvicorn",
     "ray",
+    "bentoml",
     "onnxruntime",
     "rapidocr-onnxruntime",
     "opencv-python",
@@ -77,22 +99,59 @@ VERSIONED = (
 )
 
 
+def raw_request(image: bytes) -> Payload:
+    """The request most servers take: the encoded image as the body."""
+    return Payload(image, CONTENT_TYPE)
+
+
+def raw_answer(body: bytes, headers: Any) -> bytes:
+    """Most servers answer with the service's reply itself."""
+    return body
+
+
+def triton_request(image: bytes) -> Payload:
+    """Triton's own request for the image: KServe v2 with a binary tensor."""
+    body, headers = triton_app.kserve_request(image)
+    return HeaderPayload(body, "application/octet-stream", tuple(headers.items()))
+
+
+def triton_answer(body: bytes, headers: Any) -> bytes:
+    length = headers.get(triton_app.HEADER_LENGTH)
+    return triton_app.kserve_answer(body, int(length) if length is not None else None)
+
+
+def bentoml_request(image: bytes) -> Payload:
+    """BentoML's own request for a file input: a multipart form (as its client sends)."""
+    from benchmarks.peers.bentoml_app import multipart_request  # needs bentoml
+
+    body, content_type = multipart_request(image)
+    return Payload(body, content_type)
+
+
 @dataclass(frozen=True)
 class Peer:
     """One server configuration.
 
     ``command(port, engine_threads, info_dir, temp_dir)`` gives a peer app's command line;
     without it the peer is ``splitserve serve OCR *splitserve_args``. ``processes``: how
-    many processes load the models (each writes an info file when ready).
+    many processes load the models (each writes an info file when ready). ``request``
+    makes the request for one image as the server takes it, ``answer`` takes the
+    service's JSON back out of the server's answer (body, headers); ``venv``: a virtual
+    environment of its own under the repository that the command runs in.
     """
 
     name: str
     label: str
     processes: int = 1
     health: str = HEALTH
+    route: str = ROUTE
     command: Callable[[int, int | None, Path, Path], list[str]] | None = None
     splitserve_args: tuple[str, ...] = ()
     own_engine_threads: int | None = None  # a layout that fixes its threads per engine
+    request: Callable[[bytes], Payload] = raw_request
+    answer: Callable[[bytes, Any], bytes] = raw_answer
+    venv: str | None = None
+    about: str | None = None  # a GET path whose JSON says what server runs (its version)
 
     def engine_threads(self, requested: int | None) -> int | None:
         return self.own_engine_threads if self.own_engine_threads is not None else requested
@@ -116,13 +175,44 @@ def _gunicorn(workers: int, worker_class: str, threads: int) -> Callable[..., li
     return command
 
 
-def _module(module: str, *extra: str) -> Callable[..., list[str]]:
+def venv_python(venv: str) -> Path:
+    return REPO_ROOT / venv / "bin" / "python"
+
+
+def _module(
+    module: str, *extra: str, venv: str | None = None, temp_dir: bool = False
+) -> Callable[..., list[str]]:
+    """``python -m module --port P --info-dir D --engine-threads T *extra``, in ``venv``'s
+    Python when given; ``temp_dir``: the app takes ``--temp-dir`` for its own files."""
+    python = str(venv_python(venv)) if venv else sys.executable
+
     def command(port: int, engine_threads: int | None, info_dir: Path, tmp: Path) -> list[str]:
-        cmd = [sys.executable, "-m", module, "--port", str(port), "--info-dir", str(info_dir)]
+        cmd = [python, "-m", module, "--port", str(port), "--info-dir", str(info_dir)]
         cmd += ["--engine-threads", str(engine_threads or "none"), *extra]
-        if module.endswith("ray_app"):
+        if temp_dir:
             cmd += ["--temp-dir", str(tmp)]
         return cmd
+
+    return command
+
+
+def _triton(instances: int) -> Callable[..., list[str]]:
+    """Triton with ``instances`` model instances; its gRPC and metrics ports are free
+    ports too (on 127.0.0.1, like its HTTP port)."""
+    base = _module(
+        "benchmarks.peers.triton_app",
+        *("--instances", str(instances)),
+        venv=TRITON_VENV,
+        temp_dir=True,
+    )
+
+    def command(port: int, engine_threads: int | None, info_dir: Path, tmp: Path) -> list[str]:
+        taken = {port}
+        while len(taken) < 3:  # two more free ports, distinct from each other and PORT
+            taken.add(free_port())
+        grpc, metrics = sorted(taken - {port})
+        ports = ("--grpc-port", str(grpc), "--metrics-port", str(metrics))
+        return [*base(port, engine_threads, info_dir, tmp), *ports]
 
     return command
 
@@ -158,7 +248,48 @@ PEERS: dict[str, Peer] = {
             "ray",
             "Ray Serve, 2 replicas",
             processes=2,
-            command=_module("benchmarks.peers.ray_app", "--replicas", "2"),
+            command=_module("benchmarks.peers.ray_app", "--replicas", "2", temp_dir=True),
+        ),
+        Peer(
+            "triton",
+            "Triton (PyTriton), 2 model instances",
+            health=triton_app.HEALTH,
+            route=triton_app.INFER_ROUTE,
+            command=_triton(2),
+            request=triton_request,
+            answer=triton_answer,
+            venv=TRITON_VENV,
+            about="/v2",
+        ),
+        Peer(
+            "triton-1i",
+            "Triton (PyTriton), 1 model instance",
+            health=triton_app.HEALTH,
+            route=triton_app.INFER_ROUTE,
+            command=_triton(1),
+            request=triton_request,
+            answer=triton_answer,
+            venv=TRITON_VENV,
+            about="/v2",
+        ),
+        Peer(
+            "bentoml",
+            "BentoML, 2 workers x 1 thread",
+            processes=2,
+            health="/readyz",  # BentoML's readiness probe (any one worker's)
+            command=_module(
+                "benchmarks.peers.bentoml_app", "--workers", "2", "--threads", "1", temp_dir=True
+            ),
+            request=bentoml_request,
+        ),
+        Peer(
+            "bentoml-1w",
+            "BentoML, 1 worker x 1 thread",
+            health="/readyz",  # BentoML's readiness probe (any one worker's)
+            command=_module(
+                "benchmarks.peers.bentoml_app", "--workers", "1", "--threads", "1", temp_dir=True
+            ),
+            request=bentoml_request,
         ),
         Peer(
             "threaded",
@@ -340,7 +471,7 @@ class Running:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}{ROUTE}"
+        return f"http://127.0.0.1:{self.port}{self.peer.route}"
 
     def snapshot(self) -> None:
         self.seen.update(process_group(self.proc.pid, str(self.temp_dir)))
@@ -358,6 +489,15 @@ def _log_tail(path: Path, lines: int = 40) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return ""
+
+
+def server_about(url: str) -> Any:
+    """The JSON a server answers at ``url`` (its name and version), or the error."""
+    try:
+        with urllib.request.urlopen(url, timeout=10.0) as resp:
+            return json.loads(resp.read())
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        return {"error": f"{type(exc).__name__}: {exc}"}
 
 
 def _http_ok(url: str) -> bool:
@@ -389,6 +529,12 @@ def start_peer(peer: Peer, engine_threads: int | None, work: Path, logs: Path) -
         running.snapshot()
         return running
 
+    if peer.venv and not venv_python(peer.venv).exists():
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        raise RuntimeError(
+            f"{peer.name} runs in its own virtual environment {peer.venv}/, which is "
+            "missing: build it with `make peers-venvs`"
+        )
     command = peer.command(port, threads, info_dir, temp_dir)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
@@ -467,18 +613,28 @@ def stop_peer(running: Running) -> dict[str, Any]:
 # --- checks and load ---------------------------------------------------------------------
 
 
-def check_answers(url: str, images: list[bytes], references: list[Any]) -> dict[str, Any]:
-    """Each image's answer against RapidOCR's (``compare_ocr``): all equivalent or not."""
+def request_headers(payload: Payload) -> dict[str, str]:
+    """The headers a payload is sent with (its content type and any of its own)."""
+    return {"Content-Type": payload.content_type, **dict(getattr(payload, "headers", ()))}
+
+
+def check_answers(
+    peer: Peer, url: str, images: list[bytes], references: list[Any]
+) -> dict[str, Any]:
+    """Each image's answer against RapidOCR's (``compare_ocr``): all equivalent or not.
+    Each image is sent as ``peer.request`` makes it, the load's very requests."""
     worst_score = worst_box = 0.0
     failures = []
     for i, (data, ref) in enumerate(zip(images, references, strict=True)):
+        payload = peer.request(data)
         req = urllib.request.Request(
-            url, data=data, method="POST", headers={"Content-Type": CONTENT_TYPE}
+            url, data=payload.data, method="POST", headers=request_headers(payload)
         )
         try:
             with urllib.request.urlopen(req, timeout=120) as resp:
-                diff = compare_ocr(json.loads(resp.read()), ref)
-        except (urllib.error.URLError, OSError, ValueError) as exc:
+                answer = peer.answer(resp.read(), resp.headers)
+                diff = compare_ocr(json.loads(answer), ref)
+        except (urllib.error.URLError, OSError, ValueError, KeyError) as exc:
             failures.append({"image": i, "error": f"{type(exc).__name__}: {exc}"})
             continue
         if not diff["equivalent"]:
@@ -530,6 +686,8 @@ def run_rounds(
             )
             try:
                 record["processes"] = running.infos()
+                if peer.about:
+                    record["server"] = server_about(f"http://127.0.0.1:{running.port}{peer.about}")
                 sockets = listening(running.seen)
                 record["listening"] = sockets
                 record["listening_beyond_loopback"] = exposed = [
@@ -537,7 +695,7 @@ def run_rounds(
                 ]
                 if exposed:
                     print(f"  {name} listens beyond 127.0.0.1: {exposed}", flush=True)
-                record["check"] = check = check_answers(running.url, images, references)
+                record["check"] = check = check_answers(peer, running.url, images, references)
                 print(
                     f"round {round_no} {name}: ready in {record['start_s']:.1f} s, "
                     f"answers equal RapidOCR's: {check['equivalent']}",
@@ -545,19 +703,21 @@ def run_rounds(
                 )
                 if not check["equivalent"]:
                     continue  # a wrong answer is not measured
+                bodies = [peer.request(data) for data in images]
                 for concurrency in concurrencies:
                     running.snapshot()
                     model_pids = {int(p["pid"]) for p in record["processes"]}
                     before, t0 = cpu_seconds(running.seen, model_pids), time.monotonic()
-                    result = run_closed_loop(
-                        running.url,
-                        images,
-                        CONTENT_TYPE,
-                        concurrency,
-                        duration_s,
-                        warmup_s,
-                        MAX_REQUESTS,
-                    )
+                    with payload_headers():
+                        result = run_closed_loop(
+                            running.url,
+                            bodies,
+                            CONTENT_TYPE,
+                            concurrency,
+                            duration_s,
+                            warmup_s,
+                            MAX_REQUESTS,
+                        )
                     after = cpu_seconds(running.seen, model_pids)
                     cpu = cores_used(before, after, time.monotonic() - t0)
                     rows.append(
@@ -588,14 +748,42 @@ def run_rounds(
 # --- output ------------------------------------------------------------------------------
 
 
-def versions() -> dict[str, str | None]:
-    """Installed versions of the packages that matter here (None: not installed)."""
-    out: dict[str, str | None] = {}
+_VERSIONS_SCRIPT = """
+import json, sys
+from importlib import metadata
+out = {"python": sys.version.split()[0]}
+for dist in sys.argv[1:]:
+    try:
+        out[dist] = metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        out[dist] = None
+print(json.dumps(out))
+"""
+
+
+def versions(names: Iterable[str] = ()) -> dict[str, Any]:
+    """Installed versions of the packages that matter here (None: not installed), and
+    those of each virtual environment of its own that the servers ``names`` run in."""
+    out: dict[str, Any] = {}
     for dist in VERSIONED:
         try:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
             out[dist] = None
+    venvs = {PEERS[n].venv for n in names if PEERS[n].venv}
+    for venv in sorted(venvs):
+        python = venv_python(venv)
+        try:
+            found = subprocess.run(
+                [str(python), "-c", _VERSIONS_SCRIPT, *VENV_VERSIONED],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=True,
+            )
+            out[venv] = json.loads(found.stdout)
+        except (OSError, subprocess.SubprocessError, ValueError) as exc:
+            out[venv] = {"error": f"{type(exc).__name__}: {exc}"}
     return out
 
 
@@ -722,7 +910,7 @@ def main(argv: list[str] | None = None) -> int:
         reference_engine = RapidOCR()
         references = [reference_engine(data) for data in images]
         del reference_engine
-        info = {"machine": machine(), "versions": versions()}
+        info = {"machine": machine(), "versions": versions(names)}
         rows, starts = run_rounds(
             names,
             images,
