@@ -58,7 +58,13 @@ def shm_segments(supervisor_pid: int) -> list[str]:
 class Server:
     """A running `splitserve serve`, stopped by its pid."""
 
-    def __init__(self, services: list[str], *args: str, ready_timeout: float = 120) -> None:
+    def __init__(
+        self,
+        services: list[str],
+        *args: str,
+        ready_timeout: float = 120,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         self.mode = "threaded" if "threaded" in args else "split"
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -77,7 +83,7 @@ class Server:
             *args,
         ]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT)
-        self.client = httpx.Client(base_url=self.url, timeout=30)
+        self.client = httpx.Client(base_url=self.url, timeout=30, headers=headers)
         self.wait_ready(ready_timeout)
 
     @property

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from pathlib import Path
@@ -31,6 +32,14 @@ def make_models() -> None:
     onnx.save(model, str(MODEL_DIR / "identity_batch1.onnx"))
 
     from tests.build_models import SENSITIVE_WIDTH, make_sensitive, write_inputs
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "n"])
+    total = helper.make_tensor_value_info("total", TensorProto.FLOAT, [])
+    node = helper.make_node("ReduceSum", ["x"], ["total"], keepdims=0)
+    graph = helper.make_graph([node], "scalar", [x], [total])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(MODEL_DIR / "scalar.onnx"))
 
     make_sensitive(MODEL_DIR / "sensitive.onnx")
     write_inputs(MODEL_DIR / "sensitive_inputs", (SENSITIVE_WIDTH,), 8, seed=1)
@@ -100,6 +109,29 @@ class Pipeline(splitserve.Service):
         first = await infer("first", {"x": values})
         second = await infer("second", {"x": first["y"] * 2})
         return {"values": second["y"][0].tolist()}
+
+
+class Misbehave(splitserve.Service):
+    """JSON {"wait_s": t, "rank3": bool, "scalar": bool} -> {"ok": true}, calling a model
+    wrongly on request: after an awaited pause of ``t`` seconds (a job that can be
+    cancelled), with an input of the wrong rank (the engine refuses it), or on a model
+    whose output is 0-d (it cannot be split into the batch's rows)."""
+
+    name = "misbehave"
+    models = {
+        "identity": splitserve.Model(str(MODEL_DIR / "identity.onnx"), max_batch_size=4),
+        "scalar": splitserve.Model(str(MODEL_DIR / "scalar.onnx"), max_batch_size=4),
+    }
+
+    async def handle(self, request: splitserve.Request, infer) -> Any:
+        doc = request.json()
+        if doc.get("wait_s"):
+            await asyncio.sleep(float(doc["wait_s"]))
+        x = np.ones((1, 3), dtype=np.float32)
+        if doc.get("rank3"):
+            x = x[None]
+        await infer("scalar" if doc.get("scalar") else "identity", {"x": x})
+        return {"ok": True}
 
 
 class SensitiveFp16(splitserve.Service):

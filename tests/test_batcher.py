@@ -206,3 +206,23 @@ def test_once_every_possible_sender_waits_the_batch_goes() -> None:
     assert batch is None  # without the bound, it waits for more
     batch, _ = steady(3).next_batch(timeout=0)  # the connected workers hold 3 jobs at most
     assert batch is not None and batch.size == 3
+
+
+def test_a_cancelled_request_leaves_the_queue_unless_a_batch_holds_it() -> None:
+    batcher = Batcher(max_batch_size=2, max_delay_s=10)
+    whole = PendingRequest("whole", {"x": np.ones((2, 3), np.float32)}, time.monotonic() + 60)
+    split = PendingRequest("split", {"x": np.ones((3, 3), np.float32)}, time.monotonic() + 60)
+    queued = PendingRequest("queued", {"x": np.ones((1, 3), np.float32)}, time.monotonic() + 60)
+    for req in (whole, split, queued):
+        batcher.submit(req)
+    batch, _ = batcher.next_batch(timeout=0)
+    assert batch is not None and batch.requests == [whole]
+    assert batcher.cancel("whole") is None  # running: it is answered as usual
+    batch, _ = batcher.next_batch(timeout=0)
+    assert batch is not None and batch.requests == [split]  # 2 of its 3 rows
+    assert batcher.cancel("split") is split  # its last row will not run
+    assert batcher.cancel("queued") is queued
+    assert batcher.cancel("queued") is None
+    assert len(batcher) == 0
+    batch, expired = batcher.next_batch(timeout=0.05)
+    assert batch is None and expired == []

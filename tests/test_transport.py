@@ -126,3 +126,34 @@ def test_channel_carries_multipart_messages_both_ways() -> None:
 def test_connect_gives_up_after_its_timeout() -> None:
     with pytest.raises(chan.ChannelClosed, match="nothing listens"):
         asyncio.run(chan.connect("/nonexistent/dir/x.sock", timeout=0.2))
+
+
+def test_a_tensor_that_cannot_be_packed_gives_back_the_slots_already_taken(pool) -> None:
+    big = np.ones(INLINE_MAX_BYTES, dtype=np.float32)  # goes to shared memory
+    with pytest.raises(TransportError):
+        pack_tensors({"a": big, "b": np.array(["text"])}, [], pool)
+    taken = pool.total_bytes
+    assert taken >= big.nbytes  # "a" was written to a slot before "b" failed...
+    assert pool.allocate(big.nbytes) is not None
+    assert pool.total_bytes == taken  # ...and that slot was free again, not leaked
+
+
+def test_tensor_bundles_round_trip_and_refuse_what_they_do_not_describe() -> None:
+    from splitserve.tensors import BundleError, pack_tensors_bundle, unpack_tensors_bundle
+
+    tensors = {
+        "image": np.arange(24, dtype=np.uint8).reshape(2, 3, 4),
+        "scale": np.array(0.5, dtype=np.float32),
+        "mask": np.array([True, False]),
+    }
+    data = pack_tensors_bundle(tensors)
+    back = unpack_tensors_bundle(data)
+    assert list(back) == list(tensors)
+    for name, value in tensors.items():
+        assert back[name].dtype == value.dtype
+        np.testing.assert_array_equal(back[name], value)
+    for broken in (b"", data[:3], data[:-1], data + b"x", b"\xff\xff\xff\x00" + data[4:]):
+        with pytest.raises(BundleError):
+            unpack_tensors_bundle(broken)
+    with pytest.raises(BundleError):
+        pack_tensors_bundle({"o": np.array([object()])})

@@ -14,11 +14,13 @@ class ServiceError(Exception):
     status: int = 500
     kind: str = "internal_error"
 
-    def __init__(self, message: str, *, status: int | None = None) -> None:
+    def __init__(self, message: str, *, status: int | None = None, kind: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         if status is not None:
             self.status = status
+        if kind is not None:
+            self.kind = kind
 
 
 class BadRequest(ServiceError):
@@ -48,11 +50,25 @@ class Unprocessable(ServiceError):
     kind = "unprocessable"
 
 
+class Unauthorized(ServiceError):
+    """The request lacks the server's bearer token (``--auth-token``)."""
+
+    status = 401
+    kind = "unauthorized"
+
+
 class Overloaded(ServiceError):
-    """A bounded queue is full: the client should retry later (503 with Retry-After)."""
+    """The request cannot be served in time: retry later (503 with Retry-After).
+
+    ``retry_after_s`` is the server's estimate of when capacity frees up.
+    """
 
     status = 503
     kind = "overloaded"
+
+    def __init__(self, message: str, *, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class Unavailable(ServiceError):
@@ -65,6 +81,14 @@ class Unavailable(ServiceError):
 class DeadlineExceeded(ServiceError):
     status = 504
     kind = "deadline_exceeded"
+
+
+class Cancelled(ServiceError):
+    """The work was dropped because nobody waits for its answer any more (the front's
+    deadline passed or the client disconnected); 499 as nginx logs a client gone."""
+
+    status = 499
+    kind = "cancelled"
 
 
 def error_status_and_kind(exc: BaseException) -> tuple[int, str, str]:

@@ -15,6 +15,9 @@ and hands the request to a ``Dispatcher``.
 
 from __future__ import annotations
 
+import asyncio
+import hmac
+import logging
 import time
 from typing import Any, Protocol
 
@@ -25,24 +28,125 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from splitserve.config import ServerConfig
-from splitserve.errors import BadRequest, NotFound, PayloadTooLarge, ServiceError
+from splitserve.errors import (
+    BadRequest,
+    Cancelled,
+    NotFound,
+    PayloadTooLarge,
+    ServiceError,
+    Unauthorized,
+)
 from splitserve.runtime.invoke import TIMINGS_HEADER, Reply, error_reply, timings_header
 from splitserve.runtime.messages import EngineStats
 from splitserve.runtime.stats import RequestStats
+
+log = logging.getLogger("splitserve.front")
+
+
+# A client's own deadline for one request, in seconds; it may only shorten the server's
+# ``--request-timeout``.
+TIMEOUT_HEADER = "x-request-timeout"
 
 
 class Dispatcher(Protocol):
     """Runs a service on a request somewhere (worker processes, or request threads)."""
 
     mode: str
+    draining: bool
 
     def ready(self) -> bool: ...
 
     def engine_stats(self) -> list[EngineStats]: ...
 
+    def begin_drain(self) -> None:
+        """Refuse new requests (503) and turn readiness off; admitted ones go on."""
+
+    def in_flight(self) -> int:
+        """Requests admitted and not answered yet."""
+
     async def dispatch(
-        self, service: str, body: bytes, content_type: str, headers: dict[str, str], deadline: float
-    ) -> Reply: ...
+        self,
+        service: str,
+        body: bytes,
+        content_type: str,
+        headers: dict[str, str],
+        deadline: float,
+        model: str = "",
+    ) -> Reply:
+        """The reply to one request. With ``model`` set, the body is a tensor bundle
+        (splitserve.tensors) for that engine model of the service, and so is the reply."""
+
+
+def request_deadline(headers: Any, cfg: ServerConfig, now: float) -> float:
+    """The server's deadline, or the client's ``X-Request-Timeout`` when sooner."""
+    timeout = cfg.request_timeout_s
+    asked = headers.get(TIMEOUT_HEADER)
+    if asked is not None:
+        try:
+            seconds = float(asked)
+        except ValueError:
+            seconds = float("nan")
+        if not seconds > 0:  # also refuses NaN
+            raise BadRequest(f"{TIMEOUT_HEADER} must be a positive number of seconds")
+        timeout = min(timeout, seconds)
+    return now + timeout
+
+
+async def until_disconnected(receive: Any, work: asyncio.Task) -> None:
+    """Cancel ``work`` if the client closes its connection before the answer.
+
+    Once the body is read, the server's next ASGI message is ``http.disconnect``, sent
+    when the connection drops; the task is cancelled as soon as the answer is ready.
+    """
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            if not work.done():
+                work.cancel()
+            return
+
+
+async def dispatch_watched(
+    request: HttpRequest, dispatcher: Dispatcher, *args: Any, **kwargs: Any
+) -> Reply:
+    """``dispatcher.dispatch``, cancelled (with the work it started) if the client leaves."""
+    work = asyncio.ensure_future(dispatcher.dispatch(*args, **kwargs))
+    watch = asyncio.ensure_future(until_disconnected(request.receive, work))
+    try:
+        return await work
+    except asyncio.CancelledError:
+        if watch.done() and not asyncio.current_task().cancelling():  # type: ignore[union-attr]
+            raise ClientGone("the client closed the connection before the answer") from None
+        raise
+    finally:
+        watch.cancel()
+
+
+class ClientGone(Cancelled):
+    """Nobody will read this answer: the client disconnected."""
+
+
+class BearerAuth:
+    """ASGI middleware: every HTTP route but liveness needs ``Authorization: Bearer``.
+
+    Liveness stays open so that orchestrators' probes need no secret; the token is
+    compared in constant time.
+    """
+
+    OPEN_PATHS = frozenset({"/health/live", "/v2/health/live"})
+
+    def __init__(self, app: Any, token: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {token}".encode()
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"] not in self.OPEN_PATHS:
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                reply = error_reply(Unauthorized("missing or wrong bearer token"))
+                await _response(reply)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def _response(reply: Reply) -> Response:
@@ -88,11 +192,11 @@ def create_app(
         try:
             if name not in catalogue:
                 raise NotFound(f"no service named {name!r}; served: {sorted(catalogue)}")
+            deadline = request_deadline(request.headers, cfg, time.monotonic())
             body = await read_body(request, cfg.max_body_bytes)
-            deadline = time.monotonic() + cfg.request_timeout_s
             content_type = request.headers.get("content-type", "application/octet-stream")
-            reply = await dispatcher.dispatch(
-                name, body, content_type, dict(request.headers), deadline
+            reply = await dispatch_watched(
+                request, dispatcher, name, body, content_type, dict(request.headers), deadline
             )
         except ServiceError as exc:
             reply = error_reply(exc)
@@ -120,7 +224,8 @@ def create_app(
         Route("/health/live", live, methods=["GET"]),
         Route("/health/ready", ready, methods=["GET"]),
     ]
-    return Starlette(routes=routes, lifespan=lifespan)
+    app = Starlette(routes=routes, lifespan=lifespan)
+    return BearerAuth(app, cfg.auth_token) if cfg.auth_token else app
 
 
 def describe_services(classes: dict) -> dict[str, dict[str, Any]]:
@@ -139,9 +244,39 @@ def describe_services(classes: dict) -> dict[str, dict[str, Any]]:
     }
 
 
-def serve_app(app: Starlette, cfg: ServerConfig) -> None:
-    """Run the app on uvicorn (uvloop and httptools when installed)."""
+def serve_app(app: Any, cfg: ServerConfig, dispatcher: Dispatcher) -> None:
+    """Run the app on uvicorn (uvloop and httptools when installed) until SIGTERM/SIGINT,
+    then drain: readiness 503 and new requests refused at once, admitted requests
+    answered (for at most ``cfg.drain_timeout_s``), then exit. A second signal exits
+    at once."""
     import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        async def serve(self, sockets: Any = None) -> None:
+            self.loop = asyncio.get_running_loop()
+            await super().serve(sockets)
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if dispatcher.draining or self.should_exit:
+                super().handle_exit(sig, frame)
+                self.force_exit = True
+                return
+            self._captured_signals.append(sig)
+            dispatcher.begin_drain()
+            log.info("draining: %d requests in flight", dispatcher.in_flight())
+            # From a signal handler: hand the task to the loop the thread-safe way.
+            self.loop.call_soon_threadsafe(self._start_drain)
+
+        def _start_drain(self) -> None:
+            self.drain_task = self.loop.create_task(self.drain())
+
+        async def drain(self) -> None:
+            end = time.monotonic() + cfg.drain_timeout_s
+            while dispatcher.in_flight() and time.monotonic() < end:
+                await asyncio.sleep(0.02)
+            if dispatcher.in_flight():
+                log.warning("drain timeout: %d requests still in flight", dispatcher.in_flight())
+            self.should_exit = True
 
     config = uvicorn.Config(
         app,
@@ -149,6 +284,6 @@ def serve_app(app: Starlette, cfg: ServerConfig) -> None:
         port=cfg.port,
         log_level="warning",
         access_log=False,
-        timeout_graceful_shutdown=5,
+        timeout_graceful_shutdown=2,
     )
-    uvicorn.Server(config).run()
+    DrainingServer(config).run()

@@ -185,6 +185,21 @@ class Batcher:
             self._queue.append(request)
             self._cond.notify()
 
+    def cancel(self, key: Any) -> PendingRequest | None:
+        """Drop the queued request with ``key`` whose caller gave up; returns it, or None
+        when no such request waits (it is answered, or it runs in a batch now).
+
+        A request split over batches loses its rows not yet taken; the rows already in a
+        batch ran on copies of its inputs, so its caller may reuse them at once.
+        """
+        with self._cond:
+            for req in self._queue:
+                if req.key == key and not req.failed:
+                    req.failed = True
+                    self._queue.remove(req)
+                    return req
+        return None
+
     def close(self) -> None:
         with self._cond:
             self._closed = True

@@ -16,21 +16,51 @@ import os
 import sys
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from splitserve.config import ServerConfig
-from splitserve.errors import DeadlineExceeded, NotFound, ServiceError, Unavailable
+from splitserve.errors import Cancelled, DeadlineExceeded, NotFound, ServiceError, Unavailable
 from splitserve.runtime import channel as chan
 from splitserve.runtime import messages as msg
 from splitserve.runtime.control import report_ready
-from splitserve.runtime.invoke import error_reply, invoke_service
+from splitserve.runtime.invoke import Reply, error_reply, invoke_model, invoke_service
 from splitserve.runtime.process import become_child, on_exit, run_loop
 from splitserve.runtime.shm import ShmAttachments, ShmPool
 from splitserve.runtime.transport import pack_tensors, unpack_tensors
 from splitserve.service import Request, Service, Tensors
 
 log = logging.getLogger("splitserve.worker")
+
+
+@dataclass(eq=False)
+class EngineCall:
+    """One call of a model on an engine, from send to answer: the sole owner of the
+    reply's future and of the shared-memory segments its inputs occupy.
+
+    The segments are this worker's, lent to the engine until it answers (or its
+    connection closes); a caller that gives up (deadline, cancel) abandons the call,
+    which tells the engine to drop it, but the segments stay lent until that answer.
+    """
+
+    id: int
+    link: EngineLink
+    segments: list[str]
+    future: asyncio.Future = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+    def release_inputs(self, pool: ShmPool) -> None:
+        for segment in self.segments:
+            pool.release(segment)
+        self.segments = []
+
+    def abandon(self) -> None:
+        """The caller no longer waits: ask the engine to drop the request if it can."""
+        if self.link.channel is not None and self.id in self.link.pending:
+            with contextlib.suppress(chan.ChannelClosed):
+                self.link.channel.send([msg.encode(msg.CancelInfer(self.id))])
 
 
 class EngineLink:
@@ -41,8 +71,7 @@ class EngineLink:
         self.path = path
         self.channel: chan.Channel | None = None
         self.connected = asyncio.Event()
-        # request id -> (future of the reply, this worker's segments the request uses)
-        self.pending: dict[int, tuple[asyncio.Future, list[str]]] = {}
+        self.pending: dict[int, EngineCall] = {}
         self.peer_prefixes: set[str] = set()
 
 
@@ -65,6 +94,7 @@ class CpuWorker:
         self._ids = itertools.count(1)
         self.front: chan.Channel | None = None
         self.tasks: set[asyncio.Task] = set()
+        self.jobs: dict[int, asyncio.Task] = {}  # job id -> the task running it
 
     def setup(self) -> None:
         for service in self.services.values():
@@ -110,30 +140,30 @@ class CpuWorker:
                 raise Unavailable(f"no engine process hosting {key} came up in time; retry")
         link = min(links, key=lambda link: len(link.pending))
         assert link.channel is not None
-        request_id = next(self._ids)
+        if time.monotonic() >= deadline:  # no work for an answer that is already late
+            raise DeadlineExceeded(f"deadline passed before {key} could run")
         frames: list = []
         refs, segments = pack_tensors(inputs, frames, self.pool)
-        future: asyncio.Future = asyncio.get_running_loop().create_future()
-        # The entry stays until the engine answers (it always does, or its connection
-        # closes): only then are the input segments free again, even after a timeout.
-        link.pending[request_id] = (future, segments)
+        call = EngineCall(next(self._ids), link, segments)
         try:
-            link.channel.send(
-                [msg.encode(msg.InferRequest(request_id, key, deadline, refs)), *frames]
-            )
+            link.channel.send([msg.encode(msg.InferRequest(call.id, key, deadline, refs)), *frames])
         except chan.ChannelClosed:  # the engine died before its link noticed
-            link.pending.pop(request_id, None)
-            for segment in segments:
-                self.pool.release(segment)
+            call.release_inputs(self.pool)
             raise Unavailable(f"engine process {link.index} died; retry") from None
+        link.pending[call.id] = call
         try:
-            reply, reply_frames = await asyncio.wait_for(future, deadline - time.monotonic())
+            reply, reply_frames = await asyncio.wait_for(call.future, deadline - time.monotonic())
         except TimeoutError:
+            call.abandon()
             raise DeadlineExceeded(
                 f"no answer from the engine for {key} before the deadline"
             ) from None
-        if reply.error:
-            raise ServiceError(f"{key}: {reply.error}", status=reply.error_status or 500)
+        except asyncio.CancelledError:
+            call.abandon()
+            raise
+        if reply.error is not None:
+            err = reply.error
+            raise ServiceError(f"{key}: {err.message}", status=err.status, kind=err.kind)
         outputs = unpack_tensors(reply.tensors, reply_frames, self.attachments, copy_shared=True)
         self._release_outputs(link, reply)
         for name, value in (
@@ -176,11 +206,10 @@ class CpuWorker:
             finally:
                 link.channel = None
                 link.connected.clear()
-                for future, segments in link.pending.values():
-                    for segment in segments:
-                        self.pool.release(segment)
-                    if not future.done():
-                        future.set_exception(
+                for call in link.pending.values():
+                    call.release_inputs(self.pool)
+                    if not call.future.done():
+                        call.future.set_exception(
                             Unavailable(f"engine process {link.index} died; retry")
                         )
                 link.pending.clear()
@@ -189,32 +218,58 @@ class CpuWorker:
                 link.peer_prefixes.clear()
 
     def _on_reply(self, link: EngineLink, reply: msg.InferReply, frames: list) -> None:
-        entry = link.pending.pop(reply.id, None)
-        if entry is None:
+        call = link.pending.pop(reply.id, None)
+        if call is None:
             return
-        future, segments = entry
-        for segment in segments:
-            self.pool.release(segment)
-        if not future.done():
-            future.set_result((reply, frames))
-        else:  # the caller gave up (deadline): give back the outputs unread
+        call.release_inputs(self.pool)
+        if not call.future.done():
+            call.future.set_result((reply, frames))
+        else:  # the caller gave up (deadline, cancel): give back the outputs unread
             self._release_outputs(link, reply)
 
     async def run_job(self, job: msg.Job, body: bytes) -> None:
+        """Run one job and answer it, whatever happens; a job whose deadline passes, or
+        that the front cancels, stops at its next ``await`` and answers 504 / 499."""
         started = time.monotonic()
         timings: dict[str, float] = {}
-        service = self.services.get(job.service)
-        if service is None:
-            reply = error_reply(NotFound(f"no service named {job.service!r}"))
-        else:
-            request = Request(body, job.content_type, job.headers, self.cfg.max_image_pixels)
-            reply = await invoke_service(
-                service, request, self.make_infer(job.service, job.deadline, timings)
+        try:
+            reply = await asyncio.wait_for(
+                self._invoke(job, body, timings), job.deadline - time.monotonic()
             )
+        except TimeoutError:
+            reply = error_reply(DeadlineExceeded("the request did not finish before its deadline"))
+        except asyncio.CancelledError:
+            reply = error_reply(Cancelled("the front no longer waits for this request"))
+        finally:
+            self.jobs.pop(job.id, None)
         timings["worker_ms"] = (time.monotonic() - started) * 1000
         reply.timings.update(timings)
+        self._answer(job.id, reply)
+
+    async def _invoke(self, job: msg.Job, body: bytes, timings: dict[str, float]) -> Reply:
+        service = self.services.get(job.service)
+        if service is None:
+            return error_reply(NotFound(f"no service named {job.service!r}"))
+        infer = self.make_infer(job.service, job.deadline, timings)
+        if job.model:
+            return await invoke_model(job.model, body, infer)
+        request = Request(body, job.content_type, job.headers, self.cfg.max_image_pixels)
+        return await invoke_service(service, request, infer)
+
+    def on_job(self, job: msg.Job, body: bytes) -> None:
+        if job.deadline <= time.monotonic():  # late already: answer without running it
+            self._answer(job.id, error_reply(DeadlineExceeded("deadline passed before start")))
+            return
+        self.jobs[job.id] = self._spawn(self.run_job(job, body))
+
+    def on_cancel(self, cancel: msg.Cancel) -> None:
+        task = self.jobs.get(cancel.id)
+        if task is not None:
+            task.cancel()
+
+    def _answer(self, job_id: int, reply: Reply) -> None:
         header = msg.JobReply(
-            job.id, reply.status, reply.content_type, reply.timings, reply.headers
+            job_id, reply.status, reply.content_type, reply.timings, reply.headers
         )
         if self.front is not None:
             with contextlib.suppress(chan.ChannelClosed):
@@ -231,14 +286,17 @@ class CpuWorker:
         report_ready(self.cfg, "worker", self.index)
         while True:  # the front going away ends this worker (the supervisor restarts all)
             header, *frames = await self.front.recv()
-            job = msg.front_decoder.decode(header)
-            if isinstance(job, msg.Job):
-                self._spawn(self.run_job(job, bytes(frames[0]) if frames else b""))
+            message = msg.front_decoder.decode(header)
+            if isinstance(message, msg.Job):
+                self.on_job(message, bytes(frames[0]) if frames else b"")
+            elif isinstance(message, msg.Cancel):
+                self.on_cancel(message)
 
-    def _spawn(self, coro) -> None:
+    def _spawn(self, coro) -> asyncio.Task:
         task = asyncio.create_task(coro)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
+        return task
 
 
 def run_cpu_worker(cfg: ServerConfig, index: int) -> None:

@@ -24,12 +24,19 @@ from pathlib import Path
 
 from splitserve.config import ServerConfig
 from splitserve.engines.base import Engine, create_engine
-from splitserve.errors import BadRequest, DeadlineExceeded, NotFound, error_status_and_kind
+from splitserve.errors import (
+    BadRequest,
+    Cancelled,
+    DeadlineExceeded,
+    NotFound,
+    ServiceError,
+    error_status_and_kind,
+)
 from splitserve.runtime import channel as chan
 from splitserve.runtime import messages as msg
-from splitserve.runtime.batcher import Batcher, PendingRequest
+from splitserve.runtime.batcher import Batch, Batcher, PendingRequest
 from splitserve.runtime.control import ControlSender, report_ready
-from splitserve.runtime.process import become_child, on_exit, run_loop
+from splitserve.runtime.process import become_child, exit_now, on_exit, run_loop
 from splitserve.runtime.shm import ShmAttachments, ShmPool
 from splitserve.runtime.stats import ModelCounters
 from splitserve.runtime.transport import TransportError, pack_tensors, unpack_tensors
@@ -38,8 +45,11 @@ from splitserve.service import Model
 log = logging.getLogger("splitserve.engine")
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True)
 class ReplyTo:
+    """Where an answer goes: the caller's connection and its request id (hashable: a
+    cancel names the request it drops)."""
+
     channel: chan.Channel
     request_id: int
 
@@ -81,26 +91,40 @@ class ModelRunner(threading.Thread):
         self.batcher.close()
 
     def run(self) -> None:
+        """Serve batches until stopped. An error fails only the requests it touched: this
+        thread must outlive any batch, since a silent death would stall the model."""
         while not self._stop.is_set():
             batch, expired = self.batcher.next_batch(timeout=0.5)
             for req in expired:
                 self.send_error(req.key, DeadlineExceeded("deadline passed in the engine queue"))
-            if batch is None:
-                continue
-            started = time.monotonic()
+            if batch is not None:
+                try:
+                    self.run_batch(batch)
+                except Exception as exc:  # a bug of ours: fail the batch, keep serving
+                    log.exception("%s: failed to answer a batch of %d", self.key, batch.size)
+                    for req in batch.fail():
+                        self.send_error(req.key, EngineFault(f"{type(exc).__name__}: {exc}"))
+
+    def run_batch(self, batch: Batch) -> None:
+        started = time.monotonic()
+        try:
+            outputs = self.engine.infer(batch.inputs)
+            check_outputs(outputs, batch.size)
+        except Exception as exc:
+            log.warning("%s: inference failed on a batch of %d: %s", self.key, batch.size, exc)
+            for req in batch.fail():
+                self.send_error(req.key, exc)
+            return
+        finished = time.monotonic()
+        infer_ms = (finished - started) * 1000
+        queue_ms = sum((batch.formed - r.arrived) * 1000 for r in batch.requests)
+        self.counters.record(batch.size, finished - started, queue_ms)
+        for req in batch.complete(outputs):
             try:
-                outputs = self.engine.infer(batch.inputs)
-            except Exception as exc:
-                log.exception("%s: inference failed on a batch of %d", self.key, batch.size)
-                for req in batch.fail():
-                    self.send_error(req.key, exc)
-                continue
-            finished = time.monotonic()
-            infer_ms = (finished - started) * 1000
-            queue_ms = sum((batch.formed - r.arrived) * 1000 for r in batch.requests)
-            self.counters.record(batch.size, finished - started, queue_ms)
-            for req in batch.complete(outputs):
                 self.send_outputs(req, batch.formed, infer_ms, batch.size)
+            except Exception as exc:  # e.g. an output dtype the transport refuses
+                log.warning("%s: cannot send a reply: %s", self.key, exc)
+                self.send_error(req.key, EngineFault(str(exc)))
 
     def send_outputs(self, req: PendingRequest, formed: float, infer_ms: float, size: int) -> None:
         frames: list = []
@@ -120,9 +144,27 @@ class ModelRunner(threading.Thread):
         self.deliver(key, [error_header(key, exc)], [])
 
 
+class EngineFault(ServiceError):
+    """The engine ran the model but could not turn its result into an answer."""
+
+    kind = "engine_error"
+
+
+def check_outputs(outputs: dict, rows: int) -> None:
+    """Every output needs the batch's rows along axis 0, or nobody can be answered."""
+    for name, value in outputs.items():
+        shape = getattr(value, "shape", None)
+        if not shape or shape[0] != rows:
+            raise EngineFault(
+                f"model output {name!r} has shape {shape} for a batch of {rows} rows; "
+                "outputs need the batch axis first"
+            )
+
+
 def error_header(key: ReplyTo, exc: BaseException) -> bytes:
-    status, _, message = error_status_and_kind(exc)
-    return msg.encode(msg.InferReply(key.request_id, error=message, error_status=status))
+    status, kind, message = error_status_and_kind(exc)
+    error = msg.EngineError(status, kind, message)
+    return msg.encode(msg.InferReply(key.request_id, error=error))
 
 
 class EngineProcess:
@@ -190,12 +232,24 @@ class EngineProcess:
         server = await chan.serve(self.cfg.engine_socket(self.index), self.on_channel)
         report_ready(self.cfg, "engine", self.index)
         reporter = asyncio.create_task(self.report_stats())
+        watchdog = asyncio.create_task(self.watch_runners())
         try:
             await server.serve_forever()
         finally:
             reporter.cancel()
+            watchdog.cancel()
             for runner in self.runners.values():
                 runner.stop()
+
+    async def watch_runners(self, interval_s: float = 0.2) -> None:
+        """A model thread that died would stall its model: exit, so that the supervisor
+        marks this engine not ready, fails its calls (connections close) and restarts it."""
+        while True:
+            await asyncio.sleep(interval_s)
+            dead = [key for key, runner in self.runners.items() if not runner.is_alive()]
+            if dead:
+                log.critical("engine %d: the thread of %s died; exiting", self.index, dead)
+                exit_now(70)
 
     async def report_stats(self, interval_s: float = 1.0) -> None:
         """Send this engine's counters to the supervisor every ``interval_s``."""
@@ -246,6 +300,12 @@ class EngineProcess:
                 if segment in lent:
                     lent.discard(segment)
                     self.pool.release(segment)
+        elif isinstance(message, msg.CancelInfer):
+            key = ReplyTo(channel, message.id)
+            for runner in self.runners.values():
+                if runner.batcher.cancel(key) is not None:
+                    channel.send([error_header(key, Cancelled("the caller gave up"))])
+                    break
         elif isinstance(message, msg.InferRequest):
             key = ReplyTo(channel, message.id)
             runner = self.runners.get(message.model)

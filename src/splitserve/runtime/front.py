@@ -2,8 +2,10 @@
 
 Workers announce themselves with ``WorkerHello``; each job goes to the worker with the
 fewest jobs in flight, never past its capacity. When every worker is full a request
-waits in a bounded queue (503 with Retry-After when that is full too); every wait ends
-at the request's deadline (504). A job's slot is freed when its worker answers or dies.
+waits in a bounded queue, but only if it can still be served before its deadline
+(admission.py); otherwise it is refused at once (503 with Retry-After). A job whose
+deadline passes, or whose client disconnects, is cancelled at its worker; its slot is
+freed when the worker answers (it always does, or dies).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from splitserve.errors import DeadlineExceeded, Overloaded, Unavailable
 from splitserve.protocol.rest import create_app, serve_app
 from splitserve.runtime import channel as chan
 from splitserve.runtime import messages as msg
+from splitserve.runtime.admission import AdmissionEstimate
 from splitserve.runtime.control import report_ready, server_states
 from splitserve.runtime.invoke import Reply
 from splitserve.runtime.process import become_child
@@ -29,12 +32,33 @@ log = logging.getLogger("splitserve.front")
 
 
 @dataclass(eq=False)
+class FrontJob:
+    """A request at a CPU worker: the future of its reply and when it took its slot."""
+
+    future: asyncio.Future
+    started: float
+
+
+@dataclass(eq=False)
 class WorkerSlot:
     channel: chan.Channel
     index: int
     pid: int
     capacity: int
-    jobs: dict[int, asyncio.Future] = field(default_factory=dict)
+    jobs: dict[int, FrontJob] = field(default_factory=dict)
+    reserved: int = 0  # slots handed to queued requests that have not resumed yet
+
+    @property
+    def load(self) -> float:
+        return (len(self.jobs) + self.reserved) / self.capacity
+
+
+@dataclass(eq=False)
+class Waiter:
+    """A request queued for a slot; its future gets the worker whose slot it takes."""
+
+    future: asyncio.Future
+    deadline: float
 
 
 class SplitDispatcher:
@@ -44,14 +68,19 @@ class SplitDispatcher:
         self.cfg = cfg
         self.tasks: list[asyncio.Task] = []
         self.workers: dict[chan.Channel, WorkerSlot] = {}
-        self.waiters: deque[asyncio.Future] = deque()
+        self.waiters: deque[Waiter] = deque()
         self.state: msg.ServerState | None = None
+        self.estimate = AdmissionEstimate()
+        self.draining = False
         self._ids = itertools.count(1)
 
     async def start(self) -> None:
         """Listen for workers (inside the HTTP server's event loop)."""
         self.server = await chan.serve(self.cfg.socket_path("front"), self.on_worker)
-        self.tasks = [asyncio.create_task(self.watch_state())]
+        self.tasks = [
+            asyncio.create_task(self.watch_state()),
+            asyncio.create_task(self.shed_late_waiters()),
+        ]
         report_ready(self.cfg, "front", 0)
 
     def stop(self) -> None:
@@ -62,71 +91,154 @@ class SplitDispatcher:
         return list(self.state.engine_stats) if self.state is not None else []
 
     def ready(self) -> bool:
-        return self.state is not None and self.state.ready and bool(self.workers)
+        return (
+            not self.draining and self.state is not None and self.state.ready and bool(self.workers)
+        )
+
+    def begin_drain(self) -> None:
+        """Admit nothing new (503); what is admitted finishes (see ``in_flight``)."""
+        self.draining = True
+
+    def in_flight(self) -> int:
+        return sum(len(w.jobs) for w in self.workers.values()) + len(self.waiters)
+
+    def slots(self) -> int:
+        return sum(w.capacity for w in self.workers.values())
 
     def _free_worker(self) -> WorkerSlot | None:
-        best = min(self.workers.values(), key=lambda w: len(w.jobs) / w.capacity, default=None)
-        return best if best is not None and len(best.jobs) < best.capacity else None
+        best = min(self.workers.values(), key=lambda w: w.load, default=None)
+        return best if best is not None and best.load < 1 else None
 
     async def _acquire(self, deadline: float) -> WorkerSlot:
-        while True:
+        """A worker slot for a request, now or from the queue, or ``Overloaded`` (503)
+        at once when the request could not be served in time (see admission.py)."""
+        if not self.waiters:
             worker = self._free_worker()
             if worker is not None:
                 return worker
-            if len(self.waiters) >= self.cfg.queue_size:
-                raise Overloaded(f"all workers busy and {self.cfg.queue_size} requests queued")
-            waiter = asyncio.get_running_loop().create_future()
-            self.waiters.append(waiter)
-            try:
-                await asyncio.wait_for(waiter, deadline - time.monotonic())
-            except TimeoutError:
-                raise DeadlineExceeded("no CPU worker became free before the deadline") from None
-            finally:
-                with contextlib.suppress(ValueError):
-                    self.waiters.remove(waiter)
+        position = len(self.waiters) + 1
+        retry_after = max(1.0, self.estimate.start_in(position, self.slots()))
+        if len(self.waiters) >= self.cfg.queue_size:
+            raise Overloaded(
+                f"all workers busy and {self.cfg.queue_size} requests queued",
+                retry_after_s=retry_after,
+            )
+        now = time.monotonic()
+        refusal = self.estimate.refusal(position, self.slots(), deadline - now)
+        if refusal is not None:
+            raise Overloaded(f"not admitted: {refusal}; retry later", retry_after_s=retry_after)
+        waiter = Waiter(asyncio.get_running_loop().create_future(), deadline)
+        self.waiters.append(waiter)
+        try:
+            worker = await asyncio.wait_for(waiter.future, deadline - now)
+        except TimeoutError:
+            raise Overloaded(
+                "no CPU worker slot came free in time to serve this request; retry later",
+                retry_after_s=retry_after,
+            ) from None
+        except asyncio.CancelledError:  # the client left: a slot handed over goes on
+            future = waiter.future
+            if future.done() and not future.cancelled() and future.exception() is None:
+                future.result().reserved -= 1
+                self._hand_out()
+            raise
+        finally:
+            with contextlib.suppress(ValueError):
+                self.waiters.remove(waiter)
+        worker.reserved -= 1
+        return worker
 
-    def _wake_one(self) -> None:
+    def _hand_out(self) -> None:
+        """Give free slots to queued requests, first come first served; a request that
+        can no longer finish in time is refused rather than given a slot."""
+        now = time.monotonic()
         while self.waiters:
-            waiter = self.waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
+            worker = self._free_worker()
+            if worker is None:
                 return
+            waiter = self.waiters.popleft()
+            if waiter.future.done():
+                continue
+            if now > self.estimate.latest_start(waiter.deadline):
+                waiter.future.set_exception(self._late())
+                continue
+            worker.reserved += 1
+            waiter.future.set_result(worker)
+
+    def _late(self) -> Overloaded:
+        return Overloaded(
+            "the request waited for a CPU worker slot until it could no longer finish "
+            "before its deadline; retry later",
+            retry_after_s=max(1.0, self.estimate.start_in(len(self.waiters), self.slots())),
+        )
+
+    async def shed_late_waiters(self, interval_s: float = 0.05) -> None:
+        """Refuse queued requests that can no longer start in time as soon as the latest
+        estimate says so (it grows with the load), not only when a slot frees."""
+        while True:
+            await asyncio.sleep(interval_s)
+            if not self.waiters:
+                continue
+            now = time.monotonic()
+            for waiter in list(self.waiters):
+                if not waiter.future.done() and now > self.estimate.latest_start(waiter.deadline):
+                    waiter.future.set_exception(self._late())
 
     async def dispatch(
-        self, service: str, body: bytes, content_type: str, headers: dict[str, str], deadline: float
+        self,
+        service: str,
+        body: bytes,
+        content_type: str,
+        headers: dict[str, str],
+        deadline: float,
+        model: str = "",
     ) -> Reply:
+        if self.draining:
+            raise Unavailable("the server is shutting down; retry elsewhere")
         arrived = time.monotonic()
         worker = await self._acquire(deadline)
-        queued_ms = (time.monotonic() - arrived) * 1000
+        started = time.monotonic()
+        queued_ms = (started - arrived) * 1000
         job_id = next(self._ids)
-        future = asyncio.get_running_loop().create_future()
-        worker.jobs[job_id] = future
-        job = msg.Job(job_id, service, content_type, deadline, headers)
+        job = FrontJob(asyncio.get_running_loop().create_future(), started)
+        worker.jobs[job_id] = job
+        header = msg.Job(job_id, service, content_type, deadline, headers, model)
         try:
-            worker.channel.send([msg.encode(job), body])
+            worker.channel.send([msg.encode(header), body])
         except chan.ChannelClosed:
             worker.jobs.pop(job_id, None)
+            self._hand_out()
             raise Unavailable("the CPU worker for this request just went away; retry") from None
         try:
-            reply: Reply = await asyncio.wait_for(
-                asyncio.shield(future), deadline - time.monotonic()
-            )
+            reply: Reply = await asyncio.wait_for(job.future, deadline - time.monotonic())
         except TimeoutError:
+            self._cancel(worker, job_id)
             raise DeadlineExceeded("the request did not finish before its deadline") from None
+        except asyncio.CancelledError:  # the client went away
+            self._cancel(worker, job_id)
+            raise
         reply.timings["front_queue_ms"] = queued_ms
         reply.timings["front_ms"] = (time.monotonic() - arrived) * 1000
         return reply
 
+    def _cancel(self, worker: WorkerSlot, job_id: int) -> None:
+        """Tell the worker to stop a job nobody waits for; its slot frees on the answer."""
+        if job_id in worker.jobs:
+            with contextlib.suppress(chan.ChannelClosed):
+                worker.channel.send([msg.encode(msg.Cancel(job_id))])
+
     def _finish(self, worker: WorkerSlot, job_id: int, reply: Reply | BaseException) -> None:
-        future = worker.jobs.pop(job_id, None)
-        if future is None:
+        job = worker.jobs.pop(job_id, None)
+        if job is None:
             return
-        if not future.done():
-            if isinstance(reply, BaseException):
-                future.set_exception(reply)
-            else:
-                future.set_result(reply)
-        self._wake_one()
+        if isinstance(reply, BaseException):
+            if not job.future.done():
+                job.future.set_exception(reply)
+        else:
+            self.estimate.observe(time.monotonic() - job.started)
+            if not job.future.done():
+                job.future.set_result(reply)
+        self._hand_out()
 
     async def on_worker(self, channel: chan.Channel) -> None:
         """One CPU worker's connection: its hello, then its replies, until it closes."""
@@ -137,8 +249,7 @@ class SplitDispatcher:
         worker = WorkerSlot(channel, hello.index, hello.pid, hello.capacity)
         self.workers[channel] = worker
         log.info("CPU worker %d (pid %d) joined", hello.index, hello.pid)
-        for _ in range(hello.capacity):
-            self._wake_one()
+        self._hand_out()
         try:
             while True:
                 header, *frames = await channel.recv()
@@ -182,4 +293,4 @@ def run_front(cfg: ServerConfig, catalogue: dict) -> None:
         dispatcher.stop()
 
     app = create_app(dispatcher, cfg, catalogue, lifespan=lifespan)
-    serve_app(app, cfg)
+    serve_app(app, cfg, dispatcher)

@@ -11,16 +11,17 @@ import asyncio
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from splitserve.engines.base import Engine, create_engine
-from splitserve.errors import NotFound
+from splitserve.errors import DeadlineExceeded, NotFound
 from splitserve.runtime import messages as msg
 from splitserve.runtime.batcher import stack_padded
-from splitserve.runtime.invoke import Reply, invoke_service
+from splitserve.runtime.invoke import Reply, error_reply, invoke_model, invoke_service
 from splitserve.runtime.stats import ModelCounters
 from splitserve.service import DEFAULT_MAX_IMAGE_PIXELS, Request, Service, Tensors
 
@@ -88,24 +89,38 @@ class InProcessService:
         body: bytes,
         content_type: str = "application/octet-stream",
         headers: Mapping[str, str] | None = None,
+        *,
+        deadline: float | None = None,
     ) -> Reply:
         """The service's reply to one request, computed in the calling thread.
 
         It blocks, so it must not run on a thread whose event loop is running (an async
-        framework's handler): hand it to an executor there.
+        framework's handler): hand it to an executor there. A request whose ``deadline``
+        (time.monotonic()) passed before it started is answered 504 without running.
         """
+        request = Request(body, content_type, headers, self.max_image_pixels)
+        return self._run(invoke_service(self.service, request, self.infer), deadline)
+
+    def call_model(self, model: str, body: bytes, deadline: float | None = None) -> Reply:
+        """One engine model called directly: a tensor bundle in and out (see ``call``)."""
+        return self._run(invoke_model(model, body, self.infer), deadline)
+
+    def _run(self, work: Coroutine[Any, Any, Reply], deadline: float | None) -> Reply:
         if asyncio._get_running_loop() is not None:
+            work.close()
             raise RuntimeError(
                 "InProcessService.call blocks: call it from a worker thread (e.g. "
                 "loop.run_in_executor), not from a running event loop"
             )
+        started = time.monotonic()
+        if deadline is not None and started >= deadline:
+            work.close()
+            return error_reply(DeadlineExceeded("deadline passed before the request started"))
         loop = getattr(self._local, "loop", None)
         if loop is None:
             loop = self._local.loop = asyncio.new_event_loop()
-        started = time.monotonic()
         self._local.simulated = False
-        request = Request(body, content_type, headers, self.max_image_pixels)
-        reply = loop.run_until_complete(invoke_service(self.service, request, self.infer))
+        reply = loop.run_until_complete(work)
         reply.timings["worker_ms"] = (time.monotonic() - started) * 1000
         if self._local.simulated:
             reply.timings["simulated_accelerator"] = 1

@@ -7,14 +7,21 @@ modes run the user's code, encode results and report errors identically.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
 import numpy as np
 
-from splitserve.errors import error_status_and_kind
+from splitserve.errors import BadRequest, ServiceError, error_status_and_kind
 from splitserve.service import InferFn, Request, Service
+from splitserve.tensors import (
+    BUNDLE_CONTENT_TYPE,
+    BundleError,
+    pack_tensors_bundle,
+    unpack_tensors_bundle,
+)
 
 log = logging.getLogger("splitserve.service")
 
@@ -52,7 +59,12 @@ def timings_header(timings: dict[str, float]) -> str:
 def error_reply(exc: BaseException) -> Reply:
     status, kind, message = error_status_and_kind(exc)
     body = _json_encoder.encode({"error": {"type": kind, "message": message}})
-    headers = {"Retry-After": "1"} if status == 503 else {}
+    headers = {}
+    if status == 503:  # whole seconds (RFC 9110), at least 1
+        retry_after = getattr(exc, "retry_after_s", 1.0)
+        headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
+    elif status == 401:
+        headers["WWW-Authenticate"] = 'Bearer realm="splitserve"'
     return Reply(status, JSON, body, headers=headers)
 
 
@@ -68,6 +80,19 @@ async def invoke_service(service: Service, request: Request, infer: InferFn) -> 
         return result_reply(await service.handle(request, infer))
     except Exception as exc:
         reply = error_reply(exc)
-        if reply.status >= 500:
+        if reply.status >= 500 and not isinstance(exc, ServiceError):
             log.exception("%s failed on a request", type(service).__name__)
         return reply
+
+
+async def invoke_model(model: str, body: bytes, infer: InferFn) -> Reply:
+    """A direct call of one engine model: a tensor bundle in, a tensor bundle out."""
+    try:
+        try:
+            inputs = unpack_tensors_bundle(body)
+        except BundleError as exc:
+            raise BadRequest(str(exc)) from None
+        outputs = await infer(model, inputs)
+        return Reply(200, BUNDLE_CONTENT_TYPE, pack_tensors_bundle(outputs))
+    except Exception as exc:
+        return error_reply(exc)

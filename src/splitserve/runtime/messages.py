@@ -25,13 +25,28 @@ class TensorRef(msgspec.Struct, array_like=True, frozen=True):
 
 
 class Job(msgspec.Struct, tag="job", array_like=True):
-    """One HTTP request for a service; the body is payload frame 0."""
+    """One HTTP request for a service; the body is payload frame 0.
+
+    With ``model`` set, the request calls that engine model of the service directly: the
+    body is a tensor bundle (splitserve.tensors) and so is the answer.
+    """
 
     id: int
     service: str
     content_type: str
     deadline: float  # time.monotonic() seconds (one clock for every process of a host)
     headers: dict[str, str] = {}
+    model: str = ""
+
+
+class Cancel(msgspec.Struct, tag="cancel", array_like=True):
+    """The front no longer needs job ``id`` (its deadline passed, or its client left).
+
+    The worker cancels the job's task, which cancels its engine calls; it still answers
+    with a JobReply (status 499), which is what frees the job's slot in the front.
+    """
+
+    id: int
 
 
 class JobReply(msgspec.Struct, tag="job_reply", array_like=True):
@@ -62,11 +77,29 @@ class InferRequest(msgspec.Struct, tag="infer", array_like=True):
     tensors: list[TensorRef]
 
 
+class CancelInfer(msgspec.Struct, tag="cancel_infer", array_like=True):
+    """The caller of request ``id`` gave up: drop its rows if no batch has taken them.
+
+    The engine answers a dropped request with an ``EngineError`` of kind "cancelled", so
+    the caller learns when its input segments are free again; rows already in a batch
+    run and are answered as usual.
+    """
+
+    id: int
+
+
+class EngineError(msgspec.Struct, array_like=True, frozen=True):
+    """Why an engine did not answer a request with tensors: HTTP status, kind, message."""
+
+    status: int
+    kind: str
+    message: str
+
+
 class InferReply(msgspec.Struct, tag="infer_reply", array_like=True):
     id: int
     tensors: list[TensorRef] = []
-    error: str = ""
-    error_status: int = 0
+    error: EngineError | None = None
     queue_ms: float = 0.0
     infer_ms: float = 0.0
     batch_size: int = 0
@@ -133,8 +166,8 @@ class ServerState(msgspec.Struct, tag="state", array_like=True):
         return all(self.engines.values()) and any(self.workers.values())
 
 
-FrontMessage = Job | JobReply | WorkerHello
-EngineMessage = InferRequest | InferReply | Release | EngineHello
+FrontMessage = Job | JobReply | WorkerHello | Cancel
+EngineMessage = InferRequest | InferReply | Release | EngineHello | CancelInfer
 ControlMessage = ChildReady | ServerState | EngineStats
 
 encode = msgspec.msgpack.Encoder().encode

@@ -64,6 +64,11 @@ def _cleanup_and_exit(code: int) -> None:
     os._exit(code)
 
 
+def exit_now(code: int) -> None:
+    """Leave at once after this process's own cleanups (shared memory), from any thread."""
+    _cleanup_and_exit(code)
+
+
 def become_child(name: str, parent_pid: int, log_level: str = "INFO") -> None:
     """Name the process, ask the kernel to SIGTERM it when the supervisor dies, and exit
     on SIGTERM after running its cleanups (see ``on_exit``)."""

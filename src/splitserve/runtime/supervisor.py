@@ -37,6 +37,8 @@ log = logging.getLogger("splitserve.supervisor")
 
 STATE_INTERVAL_S = 0.5
 RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0)
+# Beyond the drain timeout, the time the front gets to close its connections and exit.
+DRAIN_MARGIN_S = 5.0
 # Numeric libraries in CPU workers stay single-threaded: the engines get the cores.
 WORKER_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
@@ -60,6 +62,7 @@ class Supervisor:
         classes = cfg.load_services()
         artifacts = build_engines(classes)
         run_dir = tempfile.mkdtemp(prefix="splitserve-")
+        os.chmod(run_dir, 0o700)  # the sockets inside: this user only (docs/security.md)
         self.cfg = replace(cfg, run_dir=run_dir, supervisor_pid=os.getpid(), artifacts=artifacts)
         self.mp = multiprocessing.get_context("spawn")
         layout = self.cfg.engine_layout(classes)
@@ -71,13 +74,15 @@ class Supervisor:
             Child("worker", i, run_cpu_worker, (self.cfg, i), WORKER_ENV)
             for i in range(self.cfg.cpu_workers)
         ]
-        self.children.append(Child("front", 0, run_front, (self.cfg, catalogue), WORKER_ENV))
+        self._front_child = Child("front", 0, run_front, (self.cfg, catalogue), WORKER_ENV)
+        self.children.append(self._front_child)
         self.ctx = zmq.Context()
         self.control = self.ctx.socket(zmq.PULL)
         self.control.bind(self.cfg.control_endpoint("control"))
         self.state_pub = self.ctx.socket(zmq.PUB)
         self.state_pub.bind(self.cfg.control_endpoint("state"))
         self._stopping = False
+        self._drain_until = 0.0  # set by the first SIGTERM/SIGINT
         self.engine_stats: dict[int, msg.EngineStats] = {}
 
     def _start(self, child: Child) -> None:
@@ -127,12 +132,27 @@ class Supervisor:
                 if changed or now - last_publish >= STATE_INTERVAL_S:
                     self._publish()
                     last_publish = now
+                if self._drain_until and (self._front_gone() or now > self._drain_until):
+                    break
         finally:
             self.shutdown()
         return 0
 
     def _on_signal(self, *_: object) -> None:
-        self._stopping = True
+        """First signal: drain (the front stops admitting and answers what it holds, the
+        rest keep serving it); a second one, or a front that is not running: stop now."""
+        front = self._front_child.process
+        if self._drain_until or front is None or not front.is_alive():
+            self._stopping = True
+            return
+        log.info("draining (at most %.0fs), then stopping", self.cfg.drain_timeout_s)
+        self._drain_until = time.monotonic() + self.cfg.drain_timeout_s + DRAIN_MARGIN_S
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(front.pid, signal.SIGTERM)
+
+    def _front_gone(self) -> bool:
+        front = self._front_child.process
+        return front is None or not front.is_alive()
 
     def _receive(self, timeout_ms: int) -> bool:
         changed = False
@@ -165,6 +185,8 @@ class Supervisor:
         now = time.monotonic()
         for child in self.children:
             proc = child.process
+            if self._drain_until and child.role == "front":
+                continue  # it exits by itself once drained; nothing restarts it
             if proc is not None and not proc.is_alive():
                 log.error(
                     "%s %d (pid %s) exited with code %s; restarting",

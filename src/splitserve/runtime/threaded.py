@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import signal
 import sys
@@ -17,7 +18,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from splitserve.config import ServerConfig, build_engines
-from splitserve.errors import DeadlineExceeded, Overloaded
+from splitserve.errors import DeadlineExceeded, Overloaded, Unavailable
 from splitserve.protocol.rest import create_app, describe_services, serve_app
 from splitserve.runtime import messages as msg
 from splitserve.runtime.inprocess import InProcessService, engine_stats
@@ -51,24 +52,43 @@ class ThreadedDispatcher:
         self.pool = ThreadPoolExecutor(cfg.threads, thread_name_prefix="request")
         self._admitted = 0
         self._lock = threading.Lock()
+        self.draining = False
 
     def ready(self) -> bool:
-        return True  # built only after every model loaded and warmed up
+        return not self.draining  # built only after every model loaded and warmed up
+
+    def begin_drain(self) -> None:
+        self.draining = True
+
+    def in_flight(self) -> int:
+        return self._admitted
 
     def engine_stats(self) -> list[msg.EngineStats]:
         return engine_stats(list(self.services.values()))
 
     async def dispatch(
-        self, service: str, body: bytes, content_type: str, headers: dict[str, str], deadline: float
+        self,
+        service: str,
+        body: bytes,
+        content_type: str,
+        headers: dict[str, str],
+        deadline: float,
+        model: str = "",
     ) -> Reply:
+        if self.draining:
+            raise Unavailable("the server is shutting down; retry elsewhere")
         with self._lock:
             if self._admitted >= self.cfg.threads + self.cfg.queue_size:
                 raise Overloaded(
                     f"all {self.cfg.threads} threads busy and {self.cfg.queue_size} requests queued"
                 )
             self._admitted += 1
-        call = self.services[service].call
-        future = asyncio.wrap_future(self.pool.submit(call, body, content_type, headers))
+        target = self.services[service]
+        if model:
+            work = functools.partial(target.call_model, model, body, deadline)
+        else:
+            work = functools.partial(target.call, body, content_type, headers, deadline=deadline)
+        future = asyncio.wrap_future(self.pool.submit(work))
         future.add_done_callback(self._release)
         try:
             return await asyncio.wait_for(asyncio.shield(future), deadline - time.monotonic())
@@ -97,9 +117,10 @@ def serve_threaded(cfg: ServerConfig) -> int:
         yield
         dispatcher.pool.shutdown(wait=False, cancel_futures=True)
 
-    # uvicorn re-raises the signal that stopped it once it has shut down: make that a
-    # normal exit, as in split mode.
+    # uvicorn re-raises the signal that stopped it once it has drained and shut down:
+    # make that a normal exit, as in split mode.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: sys.exit(0))
-    serve_app(create_app(dispatcher, cfg, dispatcher.catalogue, lifespan=lifespan), cfg)
+    app = create_app(dispatcher, cfg, dispatcher.catalogue, lifespan=lifespan)
+    serve_app(app, cfg, dispatcher)
     return 0

@@ -14,31 +14,13 @@ import numpy as np
 
 from splitserve.runtime.messages import TensorRef
 from splitserve.runtime.shm import ShmAttachments, ShmPool
+from splitserve.tensors import ALLOWED_DTYPES
 
 # Measured by benchmarks/transport.py (docs/benchmarks.md): up to 16 KiB both ways
 # cost the same; from 32 KiB shared memory wins (an inline frame crosses the kernel
 # socket, copied in and out), by ~5 us at 64 KiB and ~2x from 1 MiB. Outputs through
 # shared memory also cost a Release message, so the switch stays at 64 KiB.
 INLINE_MAX_BYTES = 64 * 1024
-
-# dtypes a tensor may have on the wire: numeric only, so a header can never make the
-# receiver build object arrays.
-ALLOWED_DTYPES = frozenset(
-    {
-        "float16",
-        "float32",
-        "float64",
-        "int8",
-        "int16",
-        "int32",
-        "int64",
-        "uint8",
-        "uint16",
-        "uint32",
-        "uint64",
-        "bool",
-    }
-)
 
 
 class TransportError(ValueError):
@@ -52,10 +34,28 @@ def pack_tensors(
 ) -> tuple[list[TensorRef], list[str]]:
     """Describe ``tensors`` as refs, appending payload frames; returns (refs, segments used).
 
-    The caller releases the returned segments once the receiver has answered.
+    The caller releases the returned segments once the receiver has answered; if a
+    tensor cannot be packed, the segments already taken are released before the error.
     """
     refs: list[TensorRef] = []
     segments: list[str] = []
+    try:
+        _pack_into(tensors, frames, pool, refs, segments)
+    except BaseException:
+        if pool is not None:
+            for segment in segments:
+                pool.release(segment)
+        raise
+    return refs, segments
+
+
+def _pack_into(
+    tensors: Mapping[str, np.ndarray],
+    frames: list[memoryview | bytes],
+    pool: ShmPool | None,
+    refs: list[TensorRef],
+    segments: list[str],
+) -> None:
     for name, value in tensors.items():
         arr = np.ascontiguousarray(value)
         if arr.dtype.name not in ALLOWED_DTYPES:
@@ -72,12 +72,11 @@ def pack_tensors(
             frames.append(arr.data.cast("B") if arr.nbytes else b"")
         else:
             segment, view = slot
+            segments.append(segment)
             np.frombuffer(view, dtype=arr.dtype).reshape(arr.shape)[...] = arr
             refs.append(
                 TensorRef(name, arr.dtype.name, arr.shape, segment=segment, nbytes=arr.nbytes)
             )
-            segments.append(segment)
-    return refs, segments
 
 
 def unpack_tensors(
