@@ -8,9 +8,11 @@ children (/proc; the kernel keeps 15 characters of a process name), sends it SIG
 and waits until a replacement of the same kind runs, the supervisor logged it ready
 and ``GET /health/ready`` answers 200. Per kill it reports:
 
-- failed requests that were in flight at the kill and name the killed child's kind in
-  their error ("CPU worker" / "engine"): the only ones allowed to fail;
-- lost requests: any other failure (sent after the kill, or failed for another reason);
+- failed requests that were on the killed child: sent before it was gone (SIGKILL takes
+  a few ms), answered after the kill, their error naming the killed child's kind ("CPU
+  worker" / "engine"): the only ones allowed to fail;
+- lost requests: any other failure (sent after the child was gone, or failed for
+  another reason);
 - time until the replacement is ready (the supervisor's log) and the server ready;
 - shared-memory segments of the killed process still in /dev/shm after that.
 
@@ -52,6 +54,7 @@ KINDS = {"splitserve-cpu": "worker", "splitserve-engi": "engine"}
 KIND_WORDS = {"worker": "cpu worker", "engine": "engine"}
 BODY = bytes(range(64))  # 16 float32 values: a valid body for the no-op and echo services
 RESTART_FLOOR_S = 5.0
+FAILURES_KEPT = 5  # per kill, in the JSON
 
 
 @dataclass
@@ -68,10 +71,18 @@ class Kill:
     ready_s: float | None = None  # replacement running and /health/ready 200
     saw_not_ready: bool = False
     segments_left: int = 0  # of the killed pid, once the server was ready again
+    # CPU workers and engines that died without being killed, from this kill to the next
+    collateral: dict[str, str] = field(default_factory=dict)  # pid -> name
     failed_in_flight: int = 0  # in flight at the kill, error naming the killed kind
     lost: int = 0
+    # of those: sent after the child was gone, yet failed naming its kind (handed to the
+    # dead child before the server noticed its death)
+    lost_to_dead: int = 0
     lost_errors: dict[str, int] = field(default_factory=dict)
+    # the first failures charged to this kill: (sent, answered) in s from the kill, error
+    failures: list[tuple[float, float, str]] = field(default_factory=list)
     killed_at: float = 0.0  # perf_counter of the kill
+    died_s: float | None = None  # until the killed process was gone (a zombie, or reaped)
 
     @property
     def recovered_s(self) -> float | None:
@@ -116,6 +127,15 @@ class Chaos:
         self.seen.update(found)
         return found
 
+    def note_collateral(self, killed: set[int]) -> None:
+        """Charge to the last kill every CPU worker or engine seen before that died
+        although nobody killed it (a crash the kills set off)."""
+        if not self.kills:
+            return
+        for pid, name in self.seen.items():
+            if kind_of(name) and pid not in killed and not kit.alive(pid):
+                self.kills[-1].collateral.setdefault(str(pid), name)
+
     async def ready(self) -> bool:
         try:
             async with self.admin.get(f"{self.base}/health/ready") as resp:
@@ -132,6 +152,7 @@ class Chaos:
             return False
 
     async def kill_one(self, index: int, t0: float) -> Kill:
+        self.note_collateral({k.pid for k in self.kills})
         candidates = {p: n for p, n in self.children().items() if kind_of(n)}
         if not candidates:
             raise RuntimeError(f"no CPU worker or engine among {self.children()}")
@@ -141,6 +162,10 @@ class Chaos:
         kill = Kill(index, round(killed_at - t0, 3), name, kind_of(name) or "", pid)
         kill.killed_at = killed_at
         os.kill(pid, signal.SIGKILL)
+        while kit.alive(pid) and time.perf_counter() - killed_at < 2.0:
+            await asyncio.sleep(0.001)
+        if not kit.alive(pid):
+            kill.died_s = round(time.perf_counter() - killed_at, 4)
         deadline = killed_at + self.args.ready_timeout
         while time.perf_counter() < deadline:
             await asyncio.sleep(0.025)
@@ -189,18 +214,23 @@ class Chaos:
                 next_at = kill.killed_at + args.interval
                 await asyncio.sleep(max(args.settle, next_at - time.perf_counter()))
             await asyncio.sleep(args.settle)
+            self.note_collateral({k.pid for k in self.kills})
         finally:
             self.stopping = True
             await load
             self.children()
             await self.admin.close()
-        self.attribute_failures(t0)
+        self.attribute_failures()
         return {"load_s": round(time.perf_counter() - t0, 1)}
 
-    def attribute_failures(self, t0: float) -> None:
-        """Each failed request to a kill: in flight at it (and naming the killed kind),
-        or lost (charged to the last kill before it was sent, or to none)."""
-        times = [k.killed_at for k in self.kills]
+    def attribute_failures(self) -> None:
+        """Each failed request to a kill: on the killed child (sent before that child was
+        gone, answered after the kill, its error naming the killed kind), or lost (charged
+        to the kill it overlapped, else to the last kill before it was sent, else to none).
+
+        A child takes a few ms to die after SIGKILL (its memory is unmapped, then its
+        sockets close): a request sent meanwhile may still be handed to it.
+        """
         self.unattributed_lost: dict[str, int] = {}
         for answer in self.answers:
             if answer.status == 200:
@@ -208,8 +238,8 @@ class Chaos:
             hit = next(
                 (
                     k
-                    for k, t in zip(self.kills, times, strict=True)
-                    if answer.sent <= t <= answer.done
+                    for k in self.kills
+                    if answer.sent <= k.killed_at + (k.died_s or 0.0) and answer.done >= k.killed_at
                 ),
                 None,
             )
@@ -217,14 +247,19 @@ class Chaos:
             if hit is not None and words and words in answer.error.lower():
                 hit.failed_in_flight += 1
                 continue
-            before = [k for k, t in zip(self.kills, times, strict=True) if t <= answer.sent]
+            before = [k for k in self.kills if k.killed_at <= answer.sent]
             owner = hit or (before[-1] if before else None)
             label = f"{answer.status} {answer.error}"[:120]
             if owner is None:
                 self.unattributed_lost[label] = self.unattributed_lost.get(label, 0) + 1
-            else:
-                owner.lost += 1
-                owner.lost_errors[label] = owner.lost_errors.get(label, 0) + 1
+                continue
+            owner.lost += 1
+            owner.lost_errors[label] = owner.lost_errors.get(label, 0) + 1
+            if KIND_WORDS.get(owner.kind, "?") in answer.error.lower():
+                owner.lost_to_dead += 1
+            if len(owner.failures) < FAILURES_KEPT:
+                sent, done = answer.sent - owner.killed_at, answer.done - owner.killed_at
+                owner.failures.append((round(sent, 3), round(done, 3), label))
 
     def stop_server(self) -> dict[str, Any]:
         """SIGTERM to the supervisor, wait; then what is left of this run."""
@@ -277,12 +312,14 @@ def summarise(chaos: Chaos, stop: dict[str, Any]) -> dict[str, Any]:
         "statuses": dict(sorted(statuses.items())),
         "failed_in_flight": sum(k.failed_in_flight for k in kills),
         "lost": lost,
+        "lost_to_dead_child": sum(k.lost_to_dead for k in kills),
         "lost_unattributed": chaos.unattributed_lost,
         "not_recovered": sum(r is None for r in recovered),
         "recovered_s_p50": round(statistics.median(done), 3) if done else None,
         "recovered_s_max": max(done) if done else None,
         "restarts_over_floor": sum(r is None or r >= RESTART_FLOOR_S for r in recovered),
         "killed_segments_left": sum(k.segments_left for k in kills),
+        "collateral_deaths": sum(len(k.collateral) for k in kills),
         **stop,
     }
 
@@ -308,9 +345,10 @@ def floors(summary: dict[str, Any]) -> list[dict[str, Any]]:
             summary["restarts_over_floor"] == 0,
         ),
         ("slowest restart, s", summary["recovered_s_max"], "< 5", None),
+        ("children that died unkilled", summary["collateral_deaths"], "0 (not a floor)", None),
         (
-            "requests lost (not in flight on the killed child)",
-            summary["lost"],
+            "requests lost (not on the killed child); of them handed to it once dead",
+            f"{summary['lost']}; {summary['lost_to_dead_child']}",
             "0",
             summary["lost"] == 0,
         ),
@@ -334,15 +372,20 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append(f"| {row['metric']} | {row['value']} | {row['floor']} | {mark} |")
     lines += [
         "",
-        "| kill | child | failed in flight | lost | restart s | ready s | segments left |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| kill | child | died ms | failed on it | lost | restart s | ready s | segments left |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for k in results["kills"]:
         lines.append(
-            f"| {k['index'] + 1} | {k['name']} | {k['failed_in_flight']} | {k['lost']} | "
+            f"| {k['index'] + 1} | {k['name']} | {_ms(k['died_s'])} | {k['failed_in_flight']} | "
+            f"{k['lost']} | "
             f"{k['restart_s']} | {k['ready_s']} | {k['segments_left']} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _ms(seconds: float | None) -> str:
+    return "n/a" if seconds is None else f"{seconds * 1000:.1f}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -374,6 +417,7 @@ def main(argv: list[str] | None = None) -> int:
         help="seconds the supervisor may take to stop after SIGTERM",
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--keep-log", action="store_true", help="keep the server's log")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--markdown", type=Path)
     parser.add_argument("--check", action="store_true", help="exit 1 when a floor fails")
@@ -408,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine(),
     }
     results["floors"] = floors(results["summary"])
-    if stop.get("exit_code") == 0:
+    if stop.get("exit_code") == 0 and not args.keep_log:
         Path(proc.log_path).unlink(missing_ok=True)  # type: ignore[attr-defined]
     else:
         results["settings"]["server_log"] = str(proc.log_path)  # type: ignore[attr-defined]
