@@ -24,16 +24,16 @@ def run_script(out: Path, name: str, *args: str, timeout: float) -> dict:
 
 
 def test_overload_tiny(tmp_path: Path) -> None:
-    """Capacity, a 5 s overload at 10x and recovery on the OCR demo (2 clients; a 10 s
-    deadline, so that what was queued drains in seconds)."""
+    """Capacity, a 4 s overload at 10x and recovery on the OCR demo (one closed-loop
+    client; an 8 s deadline, so that what was queued drains in seconds)."""
     results = run_script(
         tmp_path / "overload.json",
         "overload.py",
-        *("--clients", "2", "--images", "2", "--unloaded-requests", "2"),
+        *("--clients", "1", "--images", "2", "--unloaded-requests", "2"),
         *("--capacity-warmup", "1", "--capacity-duration", "6"),
-        *("--overload-duration", "5", "--overload-warmup", "1"),
-        *("--recovery-min", "1", "--recovery-max", "4"),
-        *("--server-args", "--request-timeout 10", "--client-timeout", "15"),
+        *("--overload-duration", "4", "--overload-warmup", "1"),
+        *("--recovery-min", "1", "--recovery-max", "3", "--idle-max", "3"),
+        *("--server-args", "--request-timeout 8", "--client-timeout", "12"),
         timeout=120,
     )
     capacity, over = results["capacity"], results["overload"]
