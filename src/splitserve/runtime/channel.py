@@ -46,6 +46,7 @@ class Channel:
         self.closed = False
 
     def send(self, frames: Sequence[Frame]) -> None:
+        """Queue a message; ``ChannelClosed`` means it was not delivered at all."""
         if self.closed or self._writer.is_closing():
             raise ChannelClosed("channel is closed")
         lengths = [
@@ -53,6 +54,11 @@ class Channel:
         ]
         head = struct.pack(f"<{len(frames) + 1}I", len(frames), *lengths)
         self._writer.writelines([head, *frames])
+        if self._writer.is_closing():
+            # The write failed at once (EPIPE): the peer process is gone and nothing of
+            # this message reached it, so the sender may safely send it elsewhere.
+            self.closed = True
+            raise ChannelClosed("the peer is gone; the message was not delivered")
 
     async def recv(self) -> list[bytes]:
         try:
@@ -102,7 +108,7 @@ async def connect(path: str, timeout: float = 60.0) -> Channel:
         try:
             reader, writer = await asyncio.open_unix_connection(path, limit=READ_LIMIT)
             return Channel(reader, writer)
-        except (FileNotFoundError, ConnectionRefusedError):
+        except OSError:  # not there yet, refusing, or reset while it restarts
             if time.monotonic() >= deadline:
                 raise ChannelClosed(f"nothing listens on {path}") from None
             await asyncio.sleep(delay)

@@ -133,29 +133,20 @@ class CpuWorker:
         if not routes:
             service, model = ModelKey.parse(key)
             raise NotFound(f"service {service!r} declares no model {model!r}")
-        links = [link for link in routes if link.channel is not None]
-        if not links:  # every replica is restarting: wait for one, within the deadline
-            waits = [asyncio.ensure_future(link.connected.wait()) for link in routes]
-            _, pending = await asyncio.wait(
-                waits, timeout=deadline - time.monotonic(), return_when=asyncio.FIRST_COMPLETED
-            )
-            for waiter in pending:
-                waiter.cancel()
-            links = [link for link in routes if link.channel is not None]
-            if not links:
-                raise Unavailable(f"no engine process hosting {key} came up in time; retry")
-        link = min(links, key=lambda link: len(link.pending))
-        assert link.channel is not None
-        if time.monotonic() >= deadline:  # no work for an answer that is already late
-            raise DeadlineExceeded(f"deadline passed before {key} could run")
-        frames: list = []
-        refs, segments = pack_tensors(inputs, frames, self.pool)
-        call = EngineCall(next(self._ids), link, segments)
-        try:
-            link.channel.send([msg.encode(msg.InferRequest(call.id, key, deadline, refs)), *frames])
-        except chan.ChannelClosed:  # the engine died before its link noticed
-            call.release_inputs(self.pool)
-            raise Unavailable(f"engine process {link.index} died; retry") from None
+        while True:  # until the request is delivered to an engine, or the deadline
+            link = await self._engine_for(key, routes, deadline)
+            assert link.channel is not None
+            frames: list = []
+            refs, segments = pack_tensors(inputs, frames, self.pool)
+            call = EngineCall(next(self._ids), link, segments)
+            header = msg.encode(msg.InferRequest(call.id, key, deadline, refs))
+            try:
+                link.channel.send([header, *frames])
+                break
+            except chan.ChannelClosed:  # that engine just died: nothing reached it
+                call.release_inputs(self.pool)
+                link.channel = None
+                link.connected.clear()
         link.pending[call.id] = call
         try:
             reply, reply_frames = await asyncio.wait_for(call.future, deadline - time.monotonic())
@@ -184,6 +175,24 @@ class CpuWorker:
             timings["simulated_accelerator"] = 1
         return outputs
 
+    async def _engine_for(self, key: str, routes: list[EngineLink], deadline: float) -> EngineLink:
+        """The least busy connected engine hosting ``key``; while every replica restarts,
+        wait for one within the deadline."""
+        while True:
+            if time.monotonic() >= deadline:  # no work for an answer that is already late
+                raise DeadlineExceeded(f"deadline passed before {key} could run")
+            links = [link for link in routes if link.channel is not None]
+            if links:
+                return min(links, key=lambda link: len(link.pending))
+            waits = [asyncio.ensure_future(link.connected.wait()) for link in routes]
+            _, pending = await asyncio.wait(
+                waits, timeout=deadline - time.monotonic(), return_when=asyncio.FIRST_COMPLETED
+            )
+            for waiter in pending:
+                waiter.cancel()
+            if not any(link.channel is not None for link in routes):
+                raise Unavailable(f"no engine process hosting {key} came up in time; retry")
+
     def _release_outputs(self, link: EngineLink, reply: msg.InferReply) -> None:
         shared = [t.segment for t in reply.tensors if t.segment]
         if shared and link.channel is not None:
@@ -194,8 +203,13 @@ class CpuWorker:
     async def engine_link(self, link: EngineLink) -> None:
         """Keep a connection to one engine: read its replies, reconnect when it restarts."""
         while True:
-            link.channel = await chan.connect(link.path, timeout=float("inf"))
-            link.channel.send([msg.encode(msg.EngineHello(self.cfg.worker_concurrency))])
+            channel = await chan.connect(link.path, timeout=float("inf"))
+            try:
+                channel.send([msg.encode(msg.EngineHello(self.cfg.worker_concurrency))])
+            except chan.ChannelClosed:  # it died as we connected: wait for its successor
+                await asyncio.sleep(0.05)
+                continue
+            link.channel = channel
             link.connected.set()
             try:
                 while True:
@@ -209,6 +223,9 @@ class CpuWorker:
                     link.index,
                     len(link.pending),
                 )
+            except Exception:  # a message we cannot read: drop the link, connect anew
+                log.exception("engine %d: unreadable message; reconnecting", link.index)
+                channel.close()
             finally:
                 link.channel = None
                 link.connected.clear()
@@ -290,8 +307,12 @@ class CpuWorker:
         hello = msg.WorkerHello(self.index, os.getpid(), self.cfg.worker_concurrency)
         self.front.send([msg.encode(hello)])
         report_ready(self.run, "worker", self.index)
-        while True:  # the front going away ends this worker (the supervisor restarts all)
-            header, *frames = await self.front.recv()
+        while True:  # the front going away ends this worker (the supervisor restarts it)
+            try:
+                header, *frames = await self.front.recv()
+            except chan.ChannelClosed:
+                log.info("the front closed its connection (server stopping); exiting")
+                return
             message = msg.front_decoder.decode(header)
             if isinstance(message, msg.Job):
                 self.on_job(message, bytes(frames[0]) if frames else b"")

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from splitserve.config import ServerConfig
 from splitserve.errors import DeadlineExceeded, Overloaded, Unavailable
 from splitserve.protocol.rest import create_app, serve_app
-from splitserve.replies import Reply
+from splitserve.replies import Reply, error_reply
 from splitserve.runtime import channel as chan
 from splitserve.runtime import messages as msg
 from splitserve.runtime.admission import AdmissionEstimate
@@ -108,7 +108,8 @@ class SplitDispatcher:
         return sum(w.capacity for w in self.workers.values())
 
     def _free_worker(self) -> WorkerSlot | None:
-        best = min(self.workers.values(), key=lambda w: w.load, default=None)
+        live = (w for w in self.workers.values() if not w.channel.closed)
+        best = min(live, key=lambda w: w.load, default=None)
         return best if best is not None and best.load < 1 else None
 
     async def _acquire(self, deadline: float) -> WorkerSlot:
@@ -198,24 +199,25 @@ class SplitDispatcher:
         if self.draining:
             raise Unavailable("the server is shutting down; retry elsewhere")
         arrived = time.monotonic()
-        worker = await self._acquire(deadline)
-        started = time.monotonic()
-        queued_ms = (started - arrived) * 1000
         job_id = next(self._ids)
-        job = FrontJob(asyncio.get_running_loop().create_future(), started)
-        worker.jobs[job_id] = job
-        header = msg.Job(job_id, service, content_type, deadline, headers, model)
-        try:
-            worker.channel.send([msg.encode(header), body])
-        except chan.ChannelClosed:
-            worker.jobs.pop(job_id, None)
-            self._hand_out()
-            raise Unavailable("the CPU worker for this request just went away; retry") from None
+        header = msg.encode(msg.Job(job_id, service, content_type, deadline, headers, model))
+        while True:  # until a worker has the job (one that just died never got it)
+            worker = await self._acquire(deadline)
+            started = time.monotonic()
+            job = FrontJob(asyncio.get_running_loop().create_future(), started)
+            worker.jobs[job_id] = job
+            try:
+                worker.channel.send([header, body])
+                break
+            except chan.ChannelClosed:
+                worker.jobs.pop(job_id, None)
+                log.info("CPU worker %d is gone; sending its new job elsewhere", worker.index)
+        queued_ms = (started - arrived) * 1000
         try:
             reply: Reply = await asyncio.wait_for(job.future, deadline - time.monotonic())
         except TimeoutError:
             self._cancel(worker, job_id)
-            raise DeadlineExceeded("the request did not finish before its deadline") from None
+            reply = error_reply(DeadlineExceeded("the request did not finish before its deadline"))
         except asyncio.CancelledError:  # the client went away
             self._cancel(worker, job_id)
             raise

@@ -39,7 +39,9 @@ from splitserve.runtime.shm import remove_segments
 log = logging.getLogger("splitserve.supervisor")
 
 STATE_INTERVAL_S = 0.5
-RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0)
+# Waits before restarting a child, by how many times in a row it died before it was ready
+# (a child that had served restarts after the first).
+RESTART_BACKOFF_S = (0.1, 0.5, 1.0, 2.0, 5.0)
 # Beyond the drain timeout, the time the front gets to close its connections and exit.
 DRAIN_MARGIN_S = 5.0
 # Numeric libraries in CPU workers stay single-threaded: the engines get the cores.
@@ -56,6 +58,7 @@ class Child:
     process: BaseProcess | None = None
     ready_pid: int = 0
     restarts: int = 0
+    failed_starts: int = 0  # deaths in a row before becoming ready (the back-off's step)
     restart_at: float = 0.0
 
 
@@ -201,9 +204,12 @@ class Supervisor:
                 if proc.pid:
                     remove_segments(self.run_dir.supervisor_pid, proc.pid)
                 child.process = None
+                # A child that dies before it was ever ready is crash-looping: back off
+                # further each time. One that served and then died starts over at once.
+                child.failed_starts = 0 if child.ready_pid else child.failed_starts + 1
                 child.ready_pid = 0
-                delay = RESTART_BACKOFF_S[min(child.restarts, len(RESTART_BACKOFF_S) - 1)]
-                child.restart_at = now + delay
+                backoff = RESTART_BACKOFF_S[min(child.failed_starts, len(RESTART_BACKOFF_S) - 1)]
+                child.restart_at = now + backoff
                 child.restarts += 1
                 changed = True
             elif proc is None and now >= child.restart_at:
