@@ -124,3 +124,25 @@ def make_near_zero(path: Path) -> None:
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 8])
     _save(nodes, [x], [y], inits, path)
+
+
+def make_cancelling(path: Path) -> None:
+    """x @ (A + D) - x @ A with A ~ 1000 and D ~ 1: x @ D in fp32; at fp16, where the
+    weights' step at 1000 is 0.5, the difference moves by tenths (a large relative
+    error on any backend, since it lies in the weights)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(13)
+    base = rng.uniform(1000, 2000, (8, 8)).astype(np.float32)
+    inits = [
+        numpy_helper.from_array(base + rng.normal(0, 1, (8, 8)).astype(np.float32), "w_plus"),
+        numpy_helper.from_array(base, "w"),
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["x", "w_plus"], ["a"], name="plus"),
+        helper.make_node("MatMul", ["x", "w"], ["b"], name="base"),
+        helper.make_node("Sub", ["a", "b"], ["y"], name="cancel"),
+    ]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 8])
+    _save(nodes, [x], [y], inits, path)

@@ -21,6 +21,7 @@ from splitserve.engines.onnxruntime import OnnxRuntimeEngine
 from tests.build_models import (
     CNN_SHAPE,
     SENSITIVE_WIDTH,
+    make_cancelling,
     make_clipped,
     make_near_zero,
     make_sensitive,
@@ -489,3 +490,39 @@ def test_the_vision_classifier_exported_by_torch_builds_at_fp16(cache, tmp_path)
     done = _cli(str(path), "--precision", "fp16", "--calibration", str(inputs), env_cache=cache)
     assert done.returncode == 0, done.stderr
     assert "gate: passed" in done.stdout
+
+
+def test_a_service_agreement_is_the_gate_unless_a_tolerance_is_given(tmp_path, cache):
+    """A service that judges its own answers: the outputs' relative error (here ~0.3 at
+    fp16) is reported but does not refuse the build; an explicit tolerance still does."""
+    import splitserve
+
+    path = tmp_path / "cancelling.onnx"
+    make_cancelling(path)
+
+    class SignOf(splitserve.Service):
+        name = "sign-of"
+        model = splitserve.Model(str(path))
+
+        def preprocess(self, request: splitserve.Request) -> dict[str, np.ndarray]:
+            return {"x": np.asarray(request.json_field("x", list), dtype=np.float32)}
+
+        def postprocess(self, outputs: splitserve.Tensors, request: splitserve.Request) -> dict:
+            return {"rows": int(outputs["y"].shape[0])}  # what fp16 cannot change
+
+        def agreement(self, reference: dict, candidate: dict) -> tuple[int, int]:
+            return int(reference == candidate), 1
+
+    requests = tmp_path / "requests"
+    requests.mkdir()
+    rng = np.random.default_rng(11)
+    for i in range(4):
+        (requests / f"r{i}.json").write_text(json.dumps({"x": rng.normal(0, 1, (2, 8)).tolist()}))
+    spec = BuildSpec(path, "fp16", calibration=requests, service=SignOf, model_name="model")
+    artifact = build(spec)
+    gate = artifact.report["gate"]
+    assert gate["passed"] and gate["tolerance"] == float("inf")
+    assert gate["outputs"]["y"]["rel_l2"] > 0.01 and gate["agreement"]["ratio"] == 1.0
+    spec.tolerance = 1e-2
+    with pytest.raises(GateRejected, match="relative error"):
+        build(spec)

@@ -7,6 +7,7 @@ precision is built, or reused from the cache, before its engines load).
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -121,7 +122,27 @@ class BuildSpec:
 
     @property
     def gate_tolerance(self) -> float:
-        return self.tolerance if self.tolerance is not None else DEFAULT_TOLERANCE[self.precision]
+        """The largest relative error of an output: ``tolerance`` when given; else none
+        when the service's agreement judges the build (the outputs' numbers are a proxy
+        for what the service answers, and a strict one: OCR's recogniser reads the same
+        text while a near tie between two classes flips in its softmax); else the
+        precision's default."""
+        if self.tolerance is not None:
+            return self.tolerance
+        if self.gated_by_agreement:
+            return math.inf
+        return DEFAULT_TOLERANCE[self.precision]
+
+    @property
+    def gated_by_agreement(self) -> bool:
+        """The service's own ``agreement`` will judge held-out requests: a service that
+        defines one, and request files (not tensors) to run it on."""
+        if self.service is None or self.calibration is None:
+            return False
+        if self.service.agreement is Service.agreement:
+            return False
+        split = split_files(self.calibration, self.holdout)
+        return not all(is_tensor_file(p) for p in split.calibration + split.holdout)
 
     @property
     def auto(self) -> bool:

@@ -24,10 +24,13 @@ examples:
   splitserve build model.onnx --precision fp16 --keep-fp32 Softmax LayerNormalization
 
 Every build is compared with fp32 on held-out inputs (--holdout DIR, or 1 file in 4 of
---calibration) and refused when an output's relative L2 error exceeds --tolerance or,
-with --service, when the service's own agreement (OCR: 1 - CER against fp32) falls under
---min-agreement. `--keep-fp32 auto` then searches for layers to keep in fp32. The engine
-lands in the cache (SPLITSERVE_CACHE_DIR, default ~/.cache/splitserve) with report.json.
+--calibration) and refused when an output's relative error (RMS of the difference over
+max(RMS of fp32's output, 1e-3)) exceeds --tolerance or, with --service and request
+files, when the service's own agreement (OCR: 1 - CER against fp32) falls under
+--min-agreement; the agreement then decides alone unless --tolerance is given. Without
+--calibration the gate judges random inputs: it shows the graph runs, no more.
+`--keep-fp32 auto` then searches for layers to keep in fp32. The engine lands in the
+cache (SPLITSERVE_CACHE_DIR, default ~/.cache/splitserve) with report.json.
 A server whose Model declares a precision builds the same entry as
 `splitserve build --service module:Class --model NAME` with that declaration, and reuses
 it; plain `splitserve build model.onnx` makes engines for --output and inspection."""
@@ -59,7 +62,12 @@ def configure(p: argparse.ArgumentParser) -> None:
         default=None,
         help="int8 for Conv/MatMul/Gemm only (default), or for every layer that can be",
     )
-    p.add_argument("--tolerance", type=float, help="largest relative L2 error of any output")
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        help="largest relative error of any output (default: the precision's, or none "
+        "when a service agreement judges the build)",
+    )
     p.add_argument("--min-agreement", type=float, default=None, help="service agreement ratio")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads while gating")
     p.add_argument("--output", type=Path, help="also copy the built model here")

@@ -10,6 +10,7 @@ page's ground truth, written beside it by examples/ocr/make_images.py) are skipp
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 from collections import Counter
@@ -54,9 +55,16 @@ def list_files(folder: Path) -> list[Path]:
     if images and len(images) < len(files) and not any(is_tensor_file(p) for p in files):
         others = Counter(p.suffix.lower() or "(no extension)" for p in files if p not in images)
         kinds = ", ".join(f"{n} {suffix}" for suffix, n in sorted(others.items()))
-        log.info("%s: using its %d images, skipping %s", folder, len(images), kinds)
+        _note_skipped(folder, len(images), kinds)
         return images
     return files
+
+
+@functools.cache
+def _note_skipped(folder: Path, images: int, kinds: str) -> None:
+    """Say once per folder which files a build leaves out (the folder is listed again
+    for the cache key and for the data)."""
+    log.info("%s: using its %d images, skipping %s", folder, images, kinds)
 
 
 def split_files(calibration: Path, holdout: Path | None) -> Split:

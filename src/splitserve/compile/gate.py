@@ -25,7 +25,7 @@ from splitserve.compile.data import Batch
 from splitserve.engines.base import Engine
 from splitserve.service import DEFAULT_MIN_AGREEMENT
 
-# Default tolerances (relative L2 error of every output) when the build names none:
+# Default tolerances (relative error of every output) when the build names none:
 # what each number format's rounding leaves on well-conditioned networks.
 DEFAULT_TOLERANCE = {"fp32": 1e-5, "fp16": 1e-2, "bf16": 5e-2, "int8": 0.1}
 
@@ -199,7 +199,12 @@ class GateResult:
 
     def summary(self) -> str:
         worst = max((e.rel_l2 for e in self.outputs.values()), default=0.0)
-        text = f"worst relative error {worst:.4g} (tolerance {self.tolerance:.4g})"
+        bound = (
+            f"tolerance {self.tolerance:.4g}"
+            if math.isfinite(self.tolerance)
+            else "not gated: the service's agreement decides"
+        )
+        text = f"worst relative error {worst:.4g} ({bound})"
         if self.agreement is not None:
             text += (
                 f", service agreement {self.agreement.matching}/{self.agreement.total} "
