@@ -25,11 +25,11 @@ EWMA_WEIGHT = 0.1
 # runs this many mean deviations longer than the mean (jobs vary: OCR pages differ).
 SPREAD_MARGIN = 2.0
 # The longest a request may be expected to wait for a slot, as a share of one job's
-# service time: the slots themselves hold the work the engines batch, so the queue only
-# has to refill a slot the moment it frees (a quarter turnover of every slot is plenty
-# under any overload), and a short queue keeps the latency of what is admitted near the
-# unloaded one and empties within a fraction of a second when the overload ends.
-QUEUE_WAIT_SHARE = 0.25
+# service time. One turnover of every slot: the queue then refills each slot once, so
+# the slots never idle under overload, a closed loop of up to twice as many clients as
+# slots is served without refusals, and what is admitted is answered within about two
+# service times (the unloaded latency of such a loop), also right after an overload.
+QUEUE_WAIT_SHARE = 1.0
 # ...but at least this long, so that fast services keep a queue that absorbs bursts.
 MIN_QUEUE_WAIT_S = 0.5
 
