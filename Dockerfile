@@ -21,14 +21,20 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends libgl1 libglib2.0-0 \
     && rm -rf /var/lib/apt/lists/*
 
+# The package's extras: "ocr" for the server; "ocr,kserve" for the KServe transformer
+# image of deploy/kserve/split-inferenceservice.yaml (kserve never beside the server).
+ARG EXTRAS=ocr
+
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY src ./src
 # The package from this tree (pinned by the tree itself, not by a version).
 # hadolint ignore=DL3013
-RUN pip install ".[ocr]"
-# The demo service is imported as examples.ocr.service from the working directory.
+RUN pip install ".[${EXTRAS}]"
+# The demo service is imported as examples.ocr.service from the working directory, the
+# transformer as deploy.kserve.transformer.
 COPY examples/ocr ./examples/ocr
+COPY deploy/kserve/transformer.py ./deploy/kserve/transformer.py
 
 # A numeric non-root user, so that Kubernetes' runAsNonRoot can check it.
 RUN useradd --system --uid 10001 --gid 0 --no-create-home --home-dir /tmp splitserve

@@ -159,8 +159,13 @@ def test_gpu_predictor_and_cpu_transformer_are_apart() -> None:
     assert predictor["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert "nvidia.com/gpu" not in transformer["containers"][0]["resources"]["limits"]
     assert predictor["nodeSelector"] != transformer["nodeSelector"]
-    args = transformer["containers"][0]["args"]
+    container = transformer["containers"][0]
+    assert container["command"] == ["python", "-m", "deploy.kserve.transformer"]
+    assert (ROOT / "deploy" / "kserve" / "transformer.py").exists()
+    args = container["args"]
     assert option(args, "--protocol") == "v2"
+    assert option(args, "--host") == "0.0.0.0"  # in the pod; its default is 127.0.0.1
+    assert option(args, "--service") == image_command(ROOT / "Dockerfile")[2]
 
 
 def test_selectors_match_the_pods() -> None:
