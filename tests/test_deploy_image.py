@@ -216,6 +216,29 @@ def test_image_probe_routes(image: ImageProcess) -> None:
     assert image.client.get("/v2/health/ready").status_code == 200
 
 
+def test_metrics_carry_the_autoscaler_series(image: ImageProcess) -> None:
+    """The series deploy/kubernetes/prometheus-adapter.yaml reads, for the demo's model."""
+    import re
+
+    import yaml
+
+    text = image.client.get("/metrics")
+    if text.status_code == 404:
+        pytest.skip("this build has no Prometheus /metrics yet")
+    adapter = yaml.safe_load(
+        (ROOT / "deploy" / "kubernetes" / "prometheus-adapter.yaml").read_text()
+    )
+    (rule,) = yaml.safe_load(adapter["data"]["config.yaml"])["rules"]
+    wanted = re.findall(
+        r'__name__=~"(nv_[a-z_]+)\(_total\)\?",<<.LabelMatchers>>,model="(\w+)"',
+        rule["metricsQuery"],
+    )
+    assert len(wanted) == 2, rule["metricsQuery"]
+    for series, model in wanted:
+        exposed = rf'^{series}(_total)?\{{[^}}]*model="{model}"[^}}]*\}} [0-9.e+]+$'
+        assert re.search(exposed, text.text, re.M), series
+
+
 def test_stop_signal_ends_it_within_the_grace_period(image: ImageProcess) -> None:
     """The STOPSIGNAL stops every process well inside terminationGracePeriodSeconds."""
     import yaml

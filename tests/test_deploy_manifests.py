@@ -188,6 +188,10 @@ def test_hpa_metric_is_what_the_adapter_rule_serves() -> None:
     (rule,) = [r for r in rules if r["name"]["as"] == metric["pods"]["metric"]["name"]]
     assert set(rule["resources"]["overrides"]) == {"namespace", "pod"}
     # The series the rule reads are splitserve's Prometheus names (Triton's).
-    series = set(re.findall(r"\b(nv_[a-z_]+)\{", rule["metricsQuery"] + rule["seriesQuery"]))
+    # (with or without the _total suffix that Prometheus clients give counters)
+    names = r'__name__=~"(nv_[a-z_]+)\(_total\)\?"'
+    series = set(re.findall(names, rule["metricsQuery"]))
     assert series == {"nv_inference_queue_duration_us", "nv_inference_request_success"}
-    assert re.fullmatch(rule["name"]["matches"], "nv_inference_queue_duration_us")
+    assert re.findall(names, rule["seriesQuery"]) == ["nv_inference_queue_duration_us"]
+    for name in ("nv_inference_queue_duration_us", "nv_inference_queue_duration_us_total"):
+        assert re.fullmatch(rule["name"]["matches"], name)
