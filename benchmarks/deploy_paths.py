@@ -8,7 +8,7 @@ mode's), then loaded in a closed loop in alternating rounds, so that both see th
 (shared, noisy) machine; medians over the rounds. While one is loaded the other idles
 (Ray's own processes keep polling: a little CPU taken from split mode's rounds).
 
-    python benchmarks/deploy_paths.py [--rounds 3] [--duration 20] [--concurrency 8]
+    python benchmarks/deploy_paths.py [--rounds 3] [--duration 45] [--concurrency 8]
 
 Run it with an interpreter that has Ray (pip install -e '.[ray]').
 """
@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -115,7 +116,7 @@ def measure(url: str, images: list[bytes], args: argparse.Namespace) -> dict[str
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--duration", type=float, default=20.0, help="measured seconds a round")
+    parser.add_argument("--duration", type=float, default=45.0, help="measured seconds a round")
     parser.add_argument("--warmup", type=float, default=5.0)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--images", type=int, default=8)
@@ -124,13 +125,17 @@ def main(argv: list[str] | None = None) -> int:
 
     from rapidocr_onnxruntime import RapidOCR
 
-    paths = generate_documents(Path(tempfile.mkdtemp(prefix="deploy-bench-")), args.images, seed=11)
+    # A SIGTERM ends the run through the clean-up below, as a Ctrl-C does.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
+    work = Path(tempfile.mkdtemp(prefix="deploy-bench-"))
+    paths = generate_documents(work / "images", args.images, seed=11)
     images = [p.read_bytes() for p in paths]
     reference_engine = RapidOCR()
     references = [reference_engine(body) for body in images]
     del reference_engine
     out: dict[str, Any] = {"machine": machine(), "images": len(images), "paths": {}}
-    logs = Path(tempfile.mkdtemp(prefix="deploy-bench-logs-"))
+    logs = work / "logs"
+    logs.mkdir()
 
     split_port, ray_port = free_port(), free_port()
     split_url = f"http://127.0.0.1:{split_port}/v1/services/ocr"
@@ -139,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     ray = None
     try:
         split_answers = answers(split_url, images, references)
-        ray = start_ray(ray_port, logs / "ray.log")
+        ray = start_ray(ray_port, logs / "ray.log", work / "ray")
         out["ray_equals_split"] = answers(ray_url, images, references) == split_answers
         rounds: dict[str, list[dict[str, Any]]] = {"split": [], "ray": []}
         for i in range(args.rounds):  # alternate, so both see the same machine
@@ -150,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         if ray is not None:
             stop_ray(ray)
         stop_server(split)
+        shutil.rmtree(work / "ray", ignore_errors=True)
+    out["loadavg_at_end"] = os.getloadavg()
     for name, rows in rounds.items():
         rps = [r["rps"] for r in rows]
         out["paths"][name] = {"rps_median": statistics.median(rps), "rounds": rows}
