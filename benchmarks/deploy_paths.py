@@ -66,12 +66,13 @@ def answers(url: str, images: list[bytes], references: list[Any]) -> list[Any]:
     return found
 
 
-def start_ray(port: int, log_path: Path, ready_timeout_s: float = 300) -> subprocess.Popen:
+def start_ray(
+    port: int, log_path: Path, temp: Path, ready_timeout_s: float = 300
+) -> subprocess.Popen:
     """``python -m splitserve.ray`` on 127.0.0.1:PORT, returned once it answers."""
     cmd = [sys.executable, "-m", "splitserve.ray", OCR, "--port", str(port), *RAY_ARGS]
     cmd += ["--engine-replicas", "2", "--engine-threads", "1"]
-    temp = tempfile.mkdtemp(prefix="ray-bench-")
-    env = {**os.environ, "RAY_TMPDIR": temp}
+    env = {**os.environ, "RAY_TMPDIR": str(temp)}  # Ray's session folder, removed after
     with log_path.open("ab") as log:
         proc = subprocess.Popen(
             cmd,
@@ -81,17 +82,20 @@ def start_ray(port: int, log_path: Path, ready_timeout_s: float = 300) -> subpro
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    deadline = time.monotonic() + ready_timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"ray path exited ({proc.returncode}); see {log_path}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health/ready", timeout=2):
-                return proc
-        except OSError:
-            time.sleep(0.5)
-    stop_ray(proc)
-    raise RuntimeError(f"ray path not ready after {ready_timeout_s}s; see {log_path}")
+    try:
+        deadline = time.monotonic() + ready_timeout_s
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"ray path exited ({proc.returncode}); see {log_path}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health/ready", timeout=2):
+                    return proc
+            except OSError:
+                time.sleep(0.5)
+        raise RuntimeError(f"ray path not ready after {ready_timeout_s}s; see {log_path}")
+    except BaseException:
+        stop_ray(proc)
+        raise
 
 
 def stop_ray(proc: subprocess.Popen) -> None:
