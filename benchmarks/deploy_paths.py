@@ -6,7 +6,9 @@ split layout on this machine, docs/benchmarks.md). Both are started and checked 
 answers, one request at a time, must equal RapidOCR's, and Ray's must equal split
 mode's), then loaded in a closed loop in alternating rounds, so that both see the same
 (shared, noisy) machine; medians over the rounds. While one is loaded the other idles
-(Ray's own processes keep polling: a little CPU taken from split mode's rounds).
+(the idle Ray server still takes some CPU from split mode's rounds), so each round also
+records the server's CPU time per answered request, which competition for the cores
+does not change much: compare the paths by that.
 
     python benchmarks/deploy_paths.py [--rounds 3] [--duration 45] [--concurrency 8]
 
@@ -39,6 +41,7 @@ from benchmarks.loadgen import (
     start_server,
     stop_server,
 )
+from benchmarks.peers.run_peers import cores_used, cpu_seconds, process_group
 from examples.ocr.compare import compare_ocr
 from examples.ocr.make_images import generate_documents
 
@@ -109,12 +112,25 @@ def stop_ray(proc: subprocess.Popen) -> None:
             proc.wait(10)
 
 
-def measure(url: str, images: list[bytes], args: argparse.Namespace) -> dict[str, Any]:
+def measure(url: str, root_pid: int, images: list[bytes], args: argparse.Namespace) -> dict:
+    """One closed-loop round, with the CPU time the server's processes spent on it.
+
+    Requests/s on a shared machine depends on what else runs; CPU seconds per answered
+    request (every process of the server: Ray's own included) does much less.
+    """
+    pids = process_group(root_pid)
+    before, started = cpu_seconds(pids, set()), time.monotonic()
     result = run_closed_loop(
         url, images, "image/jpeg", args.concurrency, args.duration, args.warmup, 100_000
     )
+    after, wall = cpu_seconds(pids, set()), time.monotonic() - started
     row = result.to_dict()
-    return {k: row[k] for k in ("rps", "requests", "ok", "errors", "p50_ms", "p99_ms")}
+    out = {k: row[k] for k in ("rps", "requests", "ok", "errors", "p50_ms", "p99_ms")}
+    server_cpu_s = sum(after[1].values()) - sum(before[1].values())
+    answered = max(row["warmup_requests"] + row["requests"], 1)
+    out["server_cpu_ms_per_request"] = 1000 * server_cpu_s / answered
+    out["cores"] = cores_used(before, after, wall)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
         rounds: dict[str, list[dict[str, Any]]] = {"split": [], "ray": []}
         for i in range(args.rounds):  # alternate, so both see the same machine
             for name, url in (("split", split_url), ("ray", ray_url)):
-                rounds[name].append(measure(url, images, args))
+                root = split.pid if name == "split" else ray.pid
+                rounds[name].append(measure(url, root, images, args))
                 print(f"round {i + 1} {name}: {rounds[name][-1]}", flush=True)
     finally:
         if ray is not None:
@@ -162,14 +179,24 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(work / "ray", ignore_errors=True)
     out["loadavg_at_end"] = os.getloadavg()
     for name, rows in rounds.items():
-        rps = [r["rps"] for r in rows]
-        out["paths"][name] = {"rps_median": statistics.median(rps), "rounds": rows}
-    ratio = out["paths"]["ray"]["rps_median"] / out["paths"]["split"]["rps_median"]
-    out["ray_over_split"] = ratio
+        out["paths"][name] = {
+            "rps_median": statistics.median(r["rps"] for r in rows),
+            "cpu_ms_median": statistics.median(r["server_cpu_ms_per_request"] for r in rows),
+            "rounds": rows,
+        }
+    split_path, ray_path = out["paths"]["split"], out["paths"]["ray"]
+    out["ray_over_split"] = ratio = ray_path["rps_median"] / split_path["rps_median"]
+    # Requests per CPU-second, Ray's over split's: the throughput ratio on a machine
+    # whose cores were theirs alone (both are CPU-bound here).
+    out["ray_over_split_per_cpu"] = efficiency = (
+        split_path["cpu_ms_median"] / ray_path["cpu_ms_median"]
+    )
     print(
-        f"median requests/s: split {out['paths']['split']['rps_median']:.2f}, "
-        f"ray {out['paths']['ray']['rps_median']:.2f}; ray / split {ratio:.2f} (floor 0.80); "
-        f"answers equal: {out['ray_equals_split']}; logs in {logs}"
+        f"median requests/s: split {split_path['rps_median']:.2f}, "
+        f"ray {ray_path['rps_median']:.2f} (ray / split {ratio:.2f}); median server CPU "
+        f"ms/request: split {split_path['cpu_ms_median']:.0f}, ray "
+        f"{ray_path['cpu_ms_median']:.0f} (ray / split per CPU-second {efficiency:.2f}; "
+        f"floor 0.80); answers equal: {out['ray_equals_split']}; logs in {logs}"
     )
     if args.json:
         args.json.write_text(json.dumps(out, indent=2))
