@@ -53,10 +53,13 @@ from splitserve.errors import (
     Unavailable,
     error_status_and_kind,
 )
+from splitserve.layout import Declaration, resolve
+from splitserve.replies import TIMINGS_HEADER, Reply, error_reply
+from splitserve.replies import timings_header as format_timings
 from splitserve.runtime.batcher import Batcher, PendingRequest
-from splitserve.runtime.invoke import TIMINGS_HEADER, Reply, error_reply, invoke_service
-from splitserve.runtime.invoke import timings_header as format_timings
-from splitserve.service import DEFAULT_MAX_IMAGE_PIXELS, Model, Request, Tensors, load_service
+from splitserve.runtime.invoke import invoke_service
+from splitserve.service import DEFAULT_MAX_IMAGE_PIXELS, Request, Tensors, load_service
+from splitserve.spec import ModelKey, ModelSpec
 
 log = logging.getLogger("splitserve.ray")
 
@@ -144,7 +147,7 @@ def _node_id() -> str:
 class ModelBatches(threading.Thread):
     """One model's batcher and the thread that runs its batches (as in an engine process)."""
 
-    def __init__(self, key: str, model: Model, engine: Engine) -> None:
+    def __init__(self, key: str, model: ModelSpec, engine: Engine) -> None:
         super().__init__(name=f"model:{key}", daemon=True)
         self.key = key
         self.engine = engine
@@ -172,7 +175,7 @@ class ModelBatches(threading.Thread):
                 continue
             started = time.monotonic()
             try:
-                outputs = self.engine.infer(batch.inputs)
+                outputs = self.engine.run_batch(batch.inputs)
                 finished = time.monotonic()
                 done = batch.complete(outputs)
             except Exception as exc:
@@ -218,10 +221,12 @@ class EngineStage:
                     f"{model.backend!r} needs `splitserve build`; the Ray engine stage "
                     "serves fp32 model files only"
                 )
-            engine = create_engine(model, cls.model_path(model), threads=engine_threads)
+            key = ModelKey(cls.service_name(), name)
+            spec = resolve(Declaration(key, cls, model), None, engine_threads)
+            engine = create_engine(spec)
             with contextlib.suppress(Exception):  # strict shapes: the first call warms it
-                engine.infer(engine.warmup_batch())
-            self.models[name] = ModelBatches(f"{cls.service_name()}/{name}", model, engine)
+                engine.run_batch(engine.warmup_batch())
+            self.models[name] = ModelBatches(str(key), spec, engine)
             self.models[name].start()
 
     async def infer(
