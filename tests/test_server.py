@@ -160,3 +160,19 @@ def test_stats_count_requests_batches_and_engine_time(server: Server) -> None:
     assert sum(int(k) * v for k, v in model["batch_sizes"].items()) == model["rows"]
     assert after["stages_ms"]["worker"]["count"] >= 6
     assert after["engines"]["0"]["busy_s"] > 0
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status", "kind"),
+    [
+        ("GET", "/no/such/path", 404, "not_found"),
+        ("POST", "/v1/services/", 404, "not_found"),
+        ("GET", "/v1/services/echo", 405, "method_not_allowed"),
+    ],
+)
+def test_routing_errors_are_json_too(split_server: Server, method, path, status, kind) -> None:
+    r = split_server.client.request(method, path, follow_redirects=False)
+    assert r.status_code == status, r.text
+    assert r.json()["error"]["type"] == kind
+    if status == 405:
+        assert "POST" in r.headers["allow"]

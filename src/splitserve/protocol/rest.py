@@ -24,6 +24,7 @@ import time
 from typing import Any, Protocol
 
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, Response
@@ -32,7 +33,6 @@ from starlette.routing import Route
 from splitserve.config import ServerConfig
 from splitserve.errors import (
     BadRequest,
-    Cancelled,
     NotFound,
     PayloadTooLarge,
     ServiceError,
@@ -41,6 +41,7 @@ from splitserve.errors import (
 from splitserve.protocol.grpc_server import with_grpc
 from splitserve.protocol.metrics import InferenceStats, metrics_route
 from splitserve.protocol.v2 import v2_routes
+from splitserve.protocol.watch import watched
 from splitserve.replies import TIMINGS_HEADER, Reply, error_reply, timings_header
 from splitserve.stats import EngineStats, RequestStats
 
@@ -96,38 +97,11 @@ def request_deadline(headers: Any, cfg: ServerConfig, now: float) -> float:
     return now + timeout
 
 
-async def until_disconnected(receive: Any, work: asyncio.Task) -> None:
-    """Cancel ``work`` if the client closes its connection before the answer.
-
-    Once the body is read, the server's next ASGI message is ``http.disconnect``, sent
-    when the connection drops; the task is cancelled as soon as the answer is ready.
-    """
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            if not work.done():
-                work.cancel()
-            return
-
-
 async def dispatch_watched(
     request: HttpRequest, dispatcher: Dispatcher, *args: Any, **kwargs: Any
 ) -> Reply:
     """``dispatcher.dispatch``, cancelled (with the work it started) if the client leaves."""
-    work = asyncio.ensure_future(dispatcher.dispatch(*args, **kwargs))
-    watch = asyncio.ensure_future(until_disconnected(request.receive, work))
-    try:
-        return await work
-    except asyncio.CancelledError:
-        if watch.done() and not asyncio.current_task().cancelling():  # type: ignore[union-attr]
-            raise ClientGone("the client closed the connection before the answer") from None
-        raise
-    finally:
-        watch.cancel()
-
-
-class ClientGone(Cancelled):
-    """Nobody will read this answer: the client disconnected."""
+    return await watched(request, dispatcher.dispatch(*args, **kwargs))
 
 
 class BearerAuth:
@@ -235,8 +209,21 @@ def create_app(
         metrics_route(inference_stats, request_stats, dispatcher),
     ]
     lifespan = with_grpc(lifespan, dispatcher, cfg, catalogue, inference_stats, request_stats)
-    app = Starlette(routes=routes, lifespan=lifespan)
+    app = Starlette(
+        routes=routes, lifespan=lifespan, exception_handlers={HTTPException: _routing_error}
+    )
+    app.router.redirect_slashes = False  # `POST /v1/services/` is a 404, not a redirect
     return BearerAuth(app, cfg.auth_token) if cfg.auth_token else app
+
+
+async def _routing_error(_: HttpRequest, exc: Exception) -> Response:
+    """Starlette's own 404 (no such path) and 405 (wrong method) as our JSON errors."""
+    assert isinstance(exc, HTTPException)
+    kinds = {404: "not_found", 405: "method_not_allowed"}
+    error = ServiceError(exc.detail, status=exc.status_code, kind=kinds.get(exc.status_code))
+    reply = error_reply(error)
+    reply.headers.update(exc.headers or {})  # 405: Allow
+    return _response(reply)
 
 
 def serve_app(app: Any, cfg: ServerConfig, dispatcher: Dispatcher) -> None:

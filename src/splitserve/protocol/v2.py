@@ -19,7 +19,6 @@ failure (400 bad input, 404 unknown model, 413, 503 shed or not ready, 504 deadl
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 import zlib
@@ -44,6 +43,7 @@ from splitserve.protocol.models import (
     model_metadata,
     select_outputs,
 )
+from splitserve.protocol.watch import watched
 
 log = logging.getLogger("splitserve.v2")
 
@@ -205,22 +205,6 @@ def encode_response(
         media_type="application/octet-stream",
         headers={HEADER_LENGTH: str(len(header))},
     )
-
-
-async def watched(request: HttpRequest, work: Any) -> Any:
-    """Await ``work``, cancelled (with the jobs it started) if the client disconnects."""
-    from splitserve.protocol.rest import ClientGone, until_disconnected
-
-    task = asyncio.ensure_future(work)
-    watch = asyncio.ensure_future(until_disconnected(request.receive, task))
-    try:
-        return await task
-    except asyncio.CancelledError:
-        if watch.done() and not asyncio.current_task().cancelling():  # type: ignore[union-attr]
-            raise ClientGone("the client closed the connection before the answer") from None
-        raise
-    finally:
-        watch.cancel()
 
 
 def v2_routes(
