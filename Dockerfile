@@ -21,16 +21,24 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends libgl1 libglib2.0-0 \
     && rm -rf /var/lib/apt/lists/*
 
-# The package's extras: "ocr" for the server; "ocr,kserve" for the KServe transformer
-# image of deploy/kserve/split-inferenceservice.yaml (kserve never beside the server).
+# ROLE=server (default): the package with EXTRAS ("ocr": the demo). ROLE=transformer:
+# the KServe transformer image of deploy/kserve/split-inferenceservice.yaml, kserve and
+# deploy/kserve/requirements.txt with the package beside it without its server
+# dependencies (kserve pins protobuf < 7; the server's gRPC needs >= 7).
+ARG ROLE=server
 ARG EXTRAS=ocr
 
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY src ./src
+COPY deploy/kserve/requirements.txt ./deploy/kserve/requirements.txt
 # The package from this tree (pinned by the tree itself, not by a version).
 # hadolint ignore=DL3013
-RUN pip install ".[${EXTRAS}]"
+RUN if [ "$ROLE" = transformer ]; then \
+        pip install -r deploy/kserve/requirements.txt && pip install --no-deps . ; \
+    else \
+        pip install ".[${EXTRAS}]" ; \
+    fi
 # The demo service is imported as examples.ocr.service from the working directory, the
 # transformer as deploy.kserve.transformer.
 COPY examples/ocr ./examples/ocr

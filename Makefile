@@ -33,10 +33,11 @@ test: dev kserve-venv
 # pins protobuf below the version splitserve's generated gRPC messages need.
 KSERVE_VENV ?= .venv-kserve
 kserve-venv: $(KSERVE_VENV)/installed
-$(KSERVE_VENV)/installed:
+$(KSERVE_VENV)/installed: deploy/kserve/requirements.txt
 	$(PYTHON) -m venv $(KSERVE_VENV)
 	$(KSERVE_VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(KSERVE_VENV)/bin/pip install --quiet 'kserve>=0.13'
+	$(KSERVE_VENV)/bin/pip install --quiet -r deploy/kserve/requirements.txt
+	$(KSERVE_VENV)/bin/pip install --quiet --no-deps -e .
 	touch $@
 
 # Regenerate the protocol v2 gRPC messages from their .proto (grpcio-tools, a dev tool).

@@ -33,7 +33,9 @@ CONFIGS: dict[str, list[str]] = {
 
 
 def check(url: str) -> dict[str, bool]:
-    req = urllib.request.Request(url, data=photo(0), method="POST")
+    req = urllib.request.Request(
+        url, data=photo(0), method="POST", headers={"Content-Type": "image/jpeg"}
+    )
     with urllib.request.urlopen(req, timeout=30) as resp:
         answer = json.loads(resp.read())
         timings = resp.headers["X-Splitserve-Timings"]

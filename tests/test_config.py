@@ -104,8 +104,9 @@ def test_a_server_runs_from_a_config_file(tmp_path: Path) -> None:
     path.write_text(
         'services = ["tests.services:Echo", "tests.services:Pipeline"]\n'
         "cpu_workers = 1\n"
+        "engine_replicas = 1\n"
         '[models."echo/model"]\nmax_batch_size = 3\n'
-        '[models."pipeline/second"]\nreplicas = 1\n'  # declared 2: one engine process now
+        '[models."pipeline/second"]\nreplicas = 1\n'  # declared 2: the file wins
     )
     server = Server([], "--config", str(path))
     try:

@@ -47,7 +47,7 @@ def kserve_python() -> str | None:
 KSERVE_PYTHON = kserve_python()
 pytestmark = pytest.mark.skipif(
     KSERVE_PYTHON is None,
-    reason="no interpreter with kserve: make a venv with pip install -e '.[kserve]' at "
+    reason="no interpreter with kserve: `make kserve-venv` builds one at "
     ".venv-kserve or name it in SPLITSERVE_KSERVE_PYTHON (see docs/deploy.md)",
 )
 
