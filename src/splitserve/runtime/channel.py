@@ -48,6 +48,7 @@ class Channel:
     def send(self, frames: Sequence[Frame]) -> None:
         """Queue a message; ``ChannelClosed`` means it was not delivered at all."""
         if self.closed or self._writer.is_closing():
+            self.closed = True  # so that senders choosing a peer skip this one
             raise ChannelClosed("channel is closed")
         lengths = [
             len(memoryview(f).cast("B")) if isinstance(f, memoryview) else len(f) for f in frames
