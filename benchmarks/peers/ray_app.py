@@ -18,8 +18,9 @@ On SIGINT or SIGTERM it shuts Serve and the Ray processes it started down.
 
 One patch: Ray Serve 2.60's replicas open an inter-deployment gRPC server on ``[::]:0``
 (every interface), hard-coded in ``ray/serve/_private/replica.py`` with no setting.
-``_loopback_only`` rebinds it to 127.0.0.1 in each replica before it starts (it is used
-for deployment-to-deployment calls, none here; HTTP traffic comes from the proxy).
+``splitserve.ray.bind_loopback_only`` rebinds it to 127.0.0.1 in each replica before it
+starts (it is used for deployment-to-deployment calls, none here; HTTP traffic comes
+from the proxy).
 """
 
 from __future__ import annotations
@@ -41,33 +42,17 @@ from benchmarks.peers.common import (
     parse_threads,
     reply_headers,
 )
+from splitserve.ray import bind_loopback_only
 
 LOGGING = {"log_level": "WARNING", "enable_access_log": False}
 OBJECT_STORE_BYTES = 200 << 20  # the replies are small; the default is 30 % of the RAM
-
-
-def _loopback_only() -> None:
-    """In a replica: bind Serve's inter-deployment gRPC server to 127.0.0.1, not ``[::]``."""
-    from ray.serve._private import replica
-
-    bind = getattr(replica, "add_port_to_grpc_server", None)
-    if bind is None or getattr(bind, "loopback_only", False):
-        return  # a Ray without that server, or patched already
-
-    def loopback(server: Any, address: str) -> int:
-        if address.startswith("[::]:"):
-            address = "127.0.0.1:" + address.removeprefix("[::]:")
-        return bind(server, address)
-
-    loopback.loopback_only = True  # type: ignore[attr-defined]
-    replica.add_port_to_grpc_server = loopback
 
 
 class OCRDeployment:
     """One Serve replica: the service, loaded once, behind Ray's HTTP proxy."""
 
     def __init__(self, engine_threads: int | None, info_dir: str | None) -> None:
-        _loopback_only()  # the replica starts that server after this constructor returns
+        bind_loopback_only()  # the replica starts that server after this constructor returns
         self.service = load_ocr("ray", engine_threads, info_dir)
         self.compute = ThreadPoolExecutor(1, thread_name_prefix="ocr")
 
