@@ -116,6 +116,30 @@ class Pipeline(splitserve.Service):
         return {"values": second["y"][0].tolist()}
 
 
+class SlowEngine(splitserve.Service):
+    """Raw float32 values -> {"rows": 1}, through a model on the simulated accelerator
+    that takes 400 ms per batch: calls stay in flight at the engine long enough to kill it
+    under them."""
+
+    name = "slowengine"
+    model = splitserve.Model(
+        backend="simulated",
+        max_batch_size=8,
+        max_delay_ms=1.0,
+        options={
+            "inputs": {"x": {"shape": [None, 4], "dtype": "float32"}},
+            "outputs": {"y": {"shape": [None, 4], "dtype": "float32"}},
+            "latency_ms": [400.0, 0.0],
+        },
+    )
+
+    def preprocess(self, request: splitserve.Request) -> dict[str, np.ndarray]:
+        return {"x": np.zeros((1, 4), dtype=np.float32)}
+
+    def postprocess(self, outputs: splitserve.Tensors, request: splitserve.Request) -> Any:
+        return {"rows": int(outputs["y"].shape[0])}
+
+
 class Misbehave(splitserve.Service):
     """JSON {"wait_s": t, "rank3": bool, "scalar": bool} -> {"ok": true}, calling a model
     wrongly on request: after an awaited pause of ``t`` seconds (a job that can be

@@ -57,7 +57,7 @@ def test_children_die_with_a_killed_supervisor() -> None:
 
 
 def test_a_crashed_worker_fails_its_requests_clearly_and_is_replaced() -> None:
-    server = Server(["tests.services:Echo"], "--cpu-workers", "2")
+    server = Server(["tests.services:Echo"], "--cpu-workers", "2", "--crash-retries", "0")
     try:
         workers = {pid for pid in children_of(server.pid) if "cpu" in _name(pid)}
         with ThreadPoolExecutor(8) as pool:
@@ -81,6 +81,66 @@ def test_a_crashed_worker_fails_its_requests_clearly_and_is_replaced() -> None:
         server.wait_ready(30)
         for i in range(10):
             assert server.post("echo", json={"values": [i]}).status_code == 200
+    finally:
+        assert server.stop() == 0
+    assert shm_segments(server.pid) == []
+
+
+def _live(server: Server, kind: str) -> set[int]:
+    return {p for p in children_of(server.pid) if kind in _name(p) and alive(p)}
+
+
+def test_requests_on_a_killed_worker_are_sent_again_and_answered() -> None:
+    server = Server(["tests.services:Echo"], "--cpu-workers", "2")
+    try:
+        workers = _live(server, "cpu")
+        with ThreadPoolExecutor(6) as pool:
+            futures = [
+                pool.submit(server.post, "echo", json={"values": [i], "sleep_ms": 400})
+                for i in range(6)
+            ]
+            time.sleep(0.2)  # every request is in a worker's hands now (3 each)
+            os.kill(min(workers), signal.SIGKILL)
+            results = [f.result() for f in futures]
+        # inference has no side effects: the dead worker's requests went to the other
+        assert [r.status_code for r in results] == [200] * 6, [r.text for r in results]
+        assert [r.json()["values"] for r in results] == [[[float(i)]] for i in range(6)]
+        assert "died under job" in server.log(), server.log()
+    finally:
+        assert server.stop() == 0
+    assert shm_segments(server.pid) == []
+
+
+def test_a_request_that_kills_workers_costs_two_crashes_then_answers_503() -> None:
+    server = Server(["tests.services:Echo"], "--cpu-workers", "2")
+    try:
+        workers = _live(server, "cpu")
+        crash = server.post("echo", json={"values": [1], "crash": True})
+        assert crash.status_code == 503, crash.text
+        assert "CPU worker" in crash.json()["error"]["message"]
+        # sent once more after the first crash (--crash-retries 1), then given up
+        assert wait_until(
+            lambda: len(_live(server, "cpu")) == 2 and not workers & _live(server, "cpu")
+        )
+        assert server.log().count("died under job") == 1, server.log()
+        server.wait_ready(30)
+        assert server.post("echo", json={"values": [2]}).status_code == 200
+    finally:
+        assert server.stop() == 0
+
+
+def test_calls_on_a_killed_engine_are_sent_again_and_answered() -> None:
+    server = Server(["tests.services:SlowEngine"], "--cpu-workers", "1")
+    try:
+        (engine,) = _live(server, "engi")
+        with ThreadPoolExecutor(4) as pool:
+            futures = [pool.submit(server.post, "slowengine", content=b"\0" * 16) for _ in range(4)]
+            time.sleep(0.2)  # the calls are in the engine's batch now (400 ms)
+            os.kill(engine, signal.SIGKILL)
+            results = [f.result() for f in futures]
+        assert [r.status_code for r in results] == [200] * 4, [r.text for r in results]
+        assert "died under a call" in server.log(), server.log()
+        assert _live(server, "engi") and engine not in _live(server, "engi")
     finally:
         assert server.stop() == 0
     assert shm_segments(server.pid) == []

@@ -74,6 +74,12 @@ class ServerConfig:
     worker_concurrency: int = _setting(
         4, "requests a CPU worker holds at once: it preprocesses one while others await engines"
     )
+    crash_retries: int = _setting(
+        1,
+        "times a request, or one of its engine calls, is sent again when the process "
+        "running it dies, within its deadline (split; 0: answer 503 at once). A request "
+        "that kills every process it reaches costs 1 + this many crashes",
+    )
     threads: int = _setting(8, "request threads (threaded)")
     queue_size: int = _setting(256, "requests waiting for a free worker (or thread) before 503")
     request_timeout_s: float = _setting(30.0, "seconds (504 after)", flag="--request-timeout")
@@ -104,6 +110,8 @@ class ServerConfig:
         for name in ("worker_concurrency", "threads", "queue_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        if self.crash_retries < 0:
+            raise ValueError("crash_retries must be >= 0")
         if self.cpu_workers is not None and self.cpu_workers < 1:
             raise ValueError("cpu_workers must be >= 1")
         if self.engine_replicas is not None and self.engine_replicas < 1:

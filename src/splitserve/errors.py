@@ -82,6 +82,14 @@ class Unavailable(ServiceError):
     kind = "unavailable"
 
 
+class ProcessDied(Unavailable):
+    """The process running the request (a CPU worker, an engine) died under it (503).
+
+    Inference has no side effects, so the server sends such work again, to another
+    process or the replacement, before giving this answer (``--crash-retries``).
+    """
+
+
 class DeadlineExceeded(ServiceError):
     status = 504
     kind = "deadline_exceeded"

@@ -21,7 +21,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from splitserve.config import ServerConfig
-from splitserve.errors import Cancelled, DeadlineExceeded, NotFound, ServiceError, Unavailable
+from splitserve.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    NotFound,
+    ProcessDied,
+    ServiceError,
+    Unavailable,
+)
 from splitserve.layout import load_services
 from splitserve.replies import Reply, error_reply
 from splitserve.runtime import channel as chan
@@ -133,31 +140,30 @@ class CpuWorker:
         if not routes:
             service, model = ModelKey.parse(key)
             raise NotFound(f"service {service!r} declares no model {model!r}")
-        while True:  # until the request is delivered to an engine, or the deadline
-            link = await self._engine_for(key, routes, deadline)
-            assert link.channel is not None
-            frames: list = []
-            refs, segments = pack_tensors(inputs, frames, self.pool)
-            call = EngineCall(next(self._ids), link, segments)
-            header = msg.encode(msg.InferRequest(call.id, key, deadline, refs))
+        retries = self.cfg.crash_retries
+        while True:  # until an engine answers, or the deadline; an engine that dies under
+            # the call gets it sent again (``crash_retries`` times: inference has no side
+            # effects), to another replica or to its replacement
+            link, call = await self._send_call(key, routes, inputs, deadline)
             try:
-                link.channel.send([header, *frames])
-                break
-            except chan.ChannelClosed:  # that engine just died: nothing reached it
-                call.release_inputs(self.pool)
-                link.channel = None
-                link.connected.clear()
-        link.pending[call.id] = call
-        try:
-            reply, reply_frames = await asyncio.wait_for(call.future, deadline - time.monotonic())
-        except TimeoutError:
-            call.abandon()
-            raise DeadlineExceeded(
-                f"no answer from the engine for {key} before the deadline"
-            ) from None
-        except asyncio.CancelledError:
-            call.abandon()
-            raise
+                reply, reply_frames = await asyncio.wait_for(
+                    call.future, deadline - time.monotonic()
+                )
+            except ProcessDied:
+                if retries <= 0 or time.monotonic() >= deadline:
+                    raise
+                retries -= 1
+                log.info("engine %d died under a call of %s; sending it again", link.index, key)
+                continue
+            except TimeoutError:
+                call.abandon()
+                raise DeadlineExceeded(
+                    f"no answer from the engine for {key} before the deadline"
+                ) from None
+            except asyncio.CancelledError:
+                call.abandon()
+                raise
+            break
         if reply.error is not None:
             err = reply.error
             raise ServiceError(f"{key}: {err.message}", status=err.status, kind=err.kind)
@@ -174,6 +180,32 @@ class CpuWorker:
         if reply.simulated:
             timings["simulated_accelerator"] = 1
         return outputs
+
+    async def _send_call(
+        self,
+        key: str,
+        routes: list[EngineLink],
+        inputs: Mapping[str, np.ndarray],
+        deadline: float,
+    ) -> tuple[EngineLink, EngineCall]:
+        """The call sent to the least busy engine hosting ``key``; an engine that just
+        died never got it, so it goes to another (or waits for one, see ``_engine_for``)."""
+        while True:
+            link = await self._engine_for(key, routes, deadline)
+            assert link.channel is not None
+            frames: list = []
+            refs, segments = pack_tensors(inputs, frames, self.pool)
+            call = EngineCall(next(self._ids), link, segments)
+            header = msg.encode(msg.InferRequest(call.id, key, deadline, refs))
+            try:
+                link.channel.send([header, *frames])
+            except chan.ChannelClosed:  # nothing reached it
+                call.release_inputs(self.pool)
+                link.channel = None
+                link.connected.clear()
+                continue
+            link.pending[call.id] = call
+            return link, call
 
     async def _engine_for(self, key: str, routes: list[EngineLink], deadline: float) -> EngineLink:
         """The least busy connected engine hosting ``key``; while every replica restarts,
@@ -219,7 +251,7 @@ class CpuWorker:
                         self._on_reply(link, reply, frames)
             except chan.ChannelClosed:
                 log.warning(
-                    "engine %d closed its connection; failing %d calls",
+                    "engine %d closed its connection with %d calls in flight",
                     link.index,
                     len(link.pending),
                 )
@@ -233,7 +265,7 @@ class CpuWorker:
                     call.release_inputs(self.pool)
                     if not call.future.done():
                         call.future.set_exception(
-                            Unavailable(f"engine process {link.index} died; retry")
+                            ProcessDied(f"engine process {link.index} died; retry")
                         )
                 link.pending.clear()
                 for prefix in link.peer_prefixes:

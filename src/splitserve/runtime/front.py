@@ -5,7 +5,8 @@ fewest jobs in flight, never past its capacity. When every worker is full a requ
 waits in a bounded queue, but only if it can still be served before its deadline
 (admission.py); otherwise it is refused at once (503 with Retry-After). A job whose
 deadline passes, or whose client disconnects, is cancelled at its worker; its slot is
-freed when the worker answers (it always does, or dies).
+freed when the worker answers (it always does, or dies: then its jobs are sent again
+to another worker, ``crash_retries`` times, within their deadlines).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from splitserve.config import ServerConfig
-from splitserve.errors import DeadlineExceeded, Overloaded, Unavailable
+from splitserve.errors import DeadlineExceeded, Overloaded, ProcessDied, Unavailable
 from splitserve.protocol.rest import create_app, serve_app
 from splitserve.replies import Reply, error_reply
 from splitserve.runtime import channel as chan
@@ -201,29 +202,46 @@ class SplitDispatcher:
         arrived = time.monotonic()
         job_id = next(self._ids)
         header = msg.encode(msg.Job(job_id, service, content_type, deadline, headers, model))
-        while True:  # until a worker has the job (one that just died never got it)
+        retries = self.cfg.crash_retries
+        while True:  # until a worker answers, or the deadline; a worker that dies under
+            # the job gets it resent elsewhere (``crash_retries`` times: no side effects)
+            worker, job = await self._hand_to_worker(job_id, header, body, deadline)
+            try:
+                reply: Reply = await asyncio.wait_for(job.future, deadline - time.monotonic())
+            except ProcessDied:
+                if retries <= 0 or time.monotonic() >= deadline:
+                    raise
+                retries -= 1
+                log.info("CPU worker %d died under job %d; sending it again", worker.index, job_id)
+                continue
+            except TimeoutError:
+                self._cancel(worker, job_id)
+                reply = error_reply(
+                    DeadlineExceeded("the request did not finish before its deadline")
+                )
+            except asyncio.CancelledError:  # the client went away
+                self._cancel(worker, job_id)
+                raise
+            break
+        reply.timings["front_queue_ms"] = (job.started - arrived) * 1000
+        reply.timings["front_ms"] = (time.monotonic() - arrived) * 1000
+        return reply
+
+    async def _hand_to_worker(
+        self, job_id: int, header: bytes, body: bytes, deadline: float
+    ) -> tuple[WorkerSlot, FrontJob]:
+        """A worker slot (admission decides, see ``_acquire``) and the job sent on it; a
+        worker that just died never got it, so another is picked."""
+        while True:
             worker = await self._acquire(deadline)
-            started = time.monotonic()
-            job = FrontJob(asyncio.get_running_loop().create_future(), started)
+            job = FrontJob(asyncio.get_running_loop().create_future(), time.monotonic())
             worker.jobs[job_id] = job
             try:
                 worker.channel.send([header, body])
-                break
+                return worker, job
             except chan.ChannelClosed:
                 worker.jobs.pop(job_id, None)
                 log.info("CPU worker %d is gone; sending its new job elsewhere", worker.index)
-        queued_ms = (started - arrived) * 1000
-        try:
-            reply: Reply = await asyncio.wait_for(job.future, deadline - time.monotonic())
-        except TimeoutError:
-            self._cancel(worker, job_id)
-            reply = error_reply(DeadlineExceeded("the request did not finish before its deadline"))
-        except asyncio.CancelledError:  # the client went away
-            self._cancel(worker, job_id)
-            raise
-        reply.timings["front_queue_ms"] = queued_ms
-        reply.timings["front_ms"] = (time.monotonic() - arrived) * 1000
-        return reply
 
     def _cancel(self, worker: WorkerSlot, job_id: int) -> None:
         """Tell the worker to stop a job nobody waits for; its slot frees on the answer."""
@@ -269,14 +287,14 @@ class SplitDispatcher:
             del self.workers[channel]
             if worker.jobs:
                 log.warning(
-                    "CPU worker %d (pid %d) is gone; failing its %d jobs",
+                    "CPU worker %d (pid %d) is gone with %d jobs in flight",
                     worker.index,
                     worker.pid,
                     len(worker.jobs),
                 )
             for job_id in list(worker.jobs):
                 self._finish(
-                    worker, job_id, Unavailable("the CPU worker handling this request died; retry")
+                    worker, job_id, ProcessDied("the CPU worker handling this request died; retry")
                 )
 
     async def watch_state(self) -> None:
