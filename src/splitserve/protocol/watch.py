@@ -16,28 +16,36 @@ from starlette.requests import Request as HttpRequest
 from splitserve.errors import Cancelled
 
 
-async def until_disconnected(receive: Any, work: asyncio.Task) -> None:
+async def until_disconnected(receive: Any, work: asyncio.Task, gone: list[bool]) -> None:
     """Cancel ``work`` if the client closes its connection before the answer.
 
     Once the body is read, the server's next ASGI message is ``http.disconnect``, sent
-    when the connection drops; the task is cancelled as soon as the answer is ready.
+    when the connection drops; this watcher is cancelled as soon as the answer is ready.
     """
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
             if not work.done():
+                gone.append(True)
                 work.cancel()
             return
 
 
 async def watched(request: HttpRequest, work: Coroutine[Any, Any, Any]) -> Any:
-    """Await ``work``, cancelled (with the jobs it started) if the client disconnects."""
-    task = asyncio.ensure_future(work)
-    watch = asyncio.ensure_future(until_disconnected(request.receive, task))
+    """Await ``work``, cancelled (with the jobs it started) if the client disconnects.
+
+    The work runs in the request's own task (a task of its own would cost two more
+    turns of the event loop per request); the watcher cancels that task.
+    """
+    task = asyncio.current_task()
+    assert task is not None
+    gone: list[bool] = []
+    watch = asyncio.ensure_future(until_disconnected(request.receive, task, gone))
     try:
-        return await task
+        return await work
     except asyncio.CancelledError:
-        if watch.done() and not asyncio.current_task().cancelling():  # type: ignore[union-attr]
+        # ours alone (nobody else cancelled this task, e.g. a shutdown): the client left
+        if gone and task.uncancel() == 0:
             raise ClientGone("the client closed the connection before the answer") from None
         raise
     finally:

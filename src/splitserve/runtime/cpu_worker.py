@@ -146,9 +146,8 @@ class CpuWorker:
             # effects), to another replica or to its replacement
             link, call = await self._send_call(key, routes, inputs, deadline)
             try:
-                reply, reply_frames = await asyncio.wait_for(
-                    call.future, deadline - time.monotonic()
-                )
+                async with asyncio.timeout(deadline - time.monotonic()):
+                    reply, reply_frames = await call.future
             except ProcessDied:
                 if retries <= 0 or time.monotonic() >= deadline:
                     raise
@@ -288,9 +287,8 @@ class CpuWorker:
         started = time.monotonic()
         timings: dict[str, float] = {}
         try:
-            reply = await asyncio.wait_for(
-                self._invoke(job, body, timings), job.deadline - time.monotonic()
-            )
+            async with asyncio.timeout(job.deadline - time.monotonic()):
+                reply = await self._invoke(job, body, timings)
         except TimeoutError:
             reply = error_reply(DeadlineExceeded("the request did not finish before its deadline"))
         except asyncio.CancelledError:

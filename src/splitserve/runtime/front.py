@@ -207,7 +207,8 @@ class SplitDispatcher:
             # the job gets it resent elsewhere (``crash_retries`` times: no side effects)
             worker, job = await self._hand_to_worker(job_id, header, body, deadline)
             try:
-                reply: Reply = await asyncio.wait_for(job.future, deadline - time.monotonic())
+                async with asyncio.timeout(deadline - time.monotonic()):
+                    reply: Reply = await job.future
             except ProcessDied:
                 if retries <= 0 or time.monotonic() >= deadline:
                     raise
