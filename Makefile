@@ -52,7 +52,8 @@ peers-venvs: $(BIN)/python
 		|| { echo "$(TRITON_PYTHON) has no shared libpython (Triton's stubs need one)"; exit 1; }
 	test -x $(TRITON_VENV)/bin/python || $(TRITON_PYTHON) -m venv $(TRITON_VENV)
 	$(TRITON_VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(TRITON_VENV)/bin/pip install --quiet 'nvidia-pytriton==0.7.0' -e '.[ocr]'
+	$(TRITON_VENV)/bin/pip install --quiet -r benchmarks/peers/triton-requirements.txt
+	$(TRITON_VENV)/bin/pip install --quiet --no-deps -e .
 
 # Style, formatting, and the package layering (pyproject.toml [tool.importlinter]).
 lint: dev
