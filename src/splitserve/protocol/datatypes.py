@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from splitserve.errors import BadRequest
+from splitserve.tensors import array_on
 
 _NUMERIC = {
     "BOOL": np.dtype(np.bool_),
@@ -129,7 +130,7 @@ def from_raw(name: str, datatype: str, shape: Any, raw: bytes | memoryview) -> n
         raise BadRequest(
             f"input {name!r}: {len(raw)} bytes of data, {datatype} {list(shape)} needs {expected}"
         )
-    return np.frombuffer(raw, dtype=dtype).reshape(shape)
+    return array_on(raw, dtype, shape)
 
 
 def _flatten(data: Any) -> list:

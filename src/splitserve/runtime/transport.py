@@ -16,7 +16,7 @@ import numpy as np
 
 from splitserve.runtime.messages import TensorRef
 from splitserve.runtime.shm import ShmAttachments, ShmPool
-from splitserve.tensors import wire_dtype, wire_form
+from splitserve.tensors import array_on, wire_dtype, wire_form
 
 # Measured by benchmarks/transport.py (docs/benchmarks.md): up to 16 KiB both ways
 # cost the same; from 32 KiB shared memory wins (an inline frame crosses the kernel
@@ -114,6 +114,6 @@ def unpack_tensors(
                 )
         else:
             raise TransportError(f"tensor {ref.name!r}: no frame {ref.frame}")
-        arr = np.frombuffer(buf, dtype=dtype).reshape(ref.shape)
+        arr = array_on(buf, dtype, ref.shape)
         out[ref.name] = arr.copy() if copy_shared and ref.segment else arr
     return out
