@@ -9,13 +9,15 @@ an engine, so that only the protocol code is timed:
   a stub answering at once what a CPU worker would (16 bytes, or the output bundle):
   ``POST /v1/services/noop`` (the plain route, 16 bytes) against ``noop.model`` over v2
   binary HTTP (tritonclient's body: binary input and output) and over gRPC (the
-  servicer's ``ModelInfer`` on a parsed ``ModelInferRequest``, as grpcio hands it).
+  servicer's ``ModelInfer`` on a parsed ``ModelInferRequest``, as grpcio hands it),
+  and the ``noop`` service model over v2 binary HTTP (one BYTES element, the 16 bytes).
 - **worker**: what a CPU worker runs per request, the engine call a stub returning its
   input: ``invoke_service`` with the no-op service (plain route) against
   ``invoke_model`` (a tensor bundle in and out, v2 on an engine model).
 
 Each point is the median over many calls of one request's time (perf_counter), the
-points interleaved in rounds; the figure is the median over rounds.
+points interleaved in rounds; the figure is the median over rounds. The machine's load
+scales every column alike; compare columns of one run, not runs.
 
 With ``--baseline REV`` the same measures also run on the ``src/`` of git revision REV
 (extracted to a temporary folder, run in a child process per round, interleaved with
@@ -51,21 +53,16 @@ CLIENT_HEADERS = [  # what aiohttp sends besides the request's own headers
 ]
 
 
-def v2_binary_request() -> tuple[bytes, int]:
-    """tritonclient.http's body for the no-op: binary input ``x``, binary output ``y``."""
-    try:
-        import tritonclient.http as httpclient
-    except ImportError:  # the same bytes, as tritonclient 2.x writes them
-        header = (
-            b'{"inputs":[{"name":"x","shape":[1,4],"datatype":"FP32",'
-            b'"parameters":{"binary_data_size":16}}],'
-            b'"outputs":[{"name":"y","parameters":{"binary_data":true}}]}'
-        )
-        return header + X.tobytes(), len(header)
-    x = httpclient.InferInput("x", list(X.shape), "FP32")
-    x.set_data_from_numpy(X, binary_data=True)
-    y = httpclient.InferRequestedOutput("y", binary_data=True)
-    body, header_length = httpclient.InferenceServerClient.generate_request_body([x], outputs=[y])
+def v2_binary_request(name: str, arr: np.ndarray, datatype: str, output: str) -> tuple[bytes, int]:
+    """tritonclient.http's body: one binary input, one output asked for as binary data."""
+    import tritonclient.http as httpclient
+
+    tensor = httpclient.InferInput(name, list(arr.shape), datatype)
+    tensor.set_data_from_numpy(arr, binary_data=True)
+    asked = httpclient.InferRequestedOutput(output, binary_data=True)
+    body, header_length = httpclient.InferenceServerClient.generate_request_body(
+        [tensor], outputs=[asked]
+    )
     return body, int(header_length)
 
 
@@ -129,7 +126,6 @@ def front_calls() -> dict[str, Callable[[], Awaitable[None]]]:
     dispatcher = StubDispatcher()
     cfg = ServerConfig()
     app = create_app(dispatcher, cfg, CATALOGUE)
-    v2_body, header_length = v2_binary_request()
 
     def http(path: str, body: bytes, headers: list[tuple[bytes, bytes]]) -> Callable:
         headers = [*CLIENT_HEADERS, (b"content-length", str(len(body)).encode()), *headers]
@@ -179,14 +175,17 @@ def front_calls() -> dict[str, Callable[[], Awaitable[None]]]:
     async def grpc_call() -> None:
         await servicer.ModelInfer(pb.ModelInferRequest.FromString(wire), StubContext())
 
+    def v2(model: str, *request: Any) -> Callable:
+        body, header_length = v2_binary_request(*request)
+        length = (b"inference-header-content-length", str(header_length).encode())
+        return http(f"/v2/models/{model}/infer", body, [octet, length])
+
+    elements = np.array([X.tobytes()], dtype=object)  # the service model: one request body
     return {
         "plain /v1 route": http("/v1/services/noop", X.tobytes(), [octet]),
-        "v2 binary HTTP, noop.model": http(
-            "/v2/models/noop.model/infer",
-            v2_body,
-            [octet, (b"inference-header-content-length", str(header_length).encode())],
-        ),
+        "v2 binary HTTP, noop.model": v2("noop.model", "x", X, "FP32", "y"),
         "gRPC ModelInfer, noop.model": grpc_call,
+        "v2 binary HTTP, noop service": v2("noop", "request", elements, "BYTES", "response"),
     }
 
 

@@ -180,14 +180,14 @@ class ModelRegistry:
         headers: dict[str, str],
         content_type: str,
     ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-        elements = [bytes(x) for x in bodies.reshape(-1)]
-        replies = await asyncio.gather(
-            *(
-                self.dispatcher.dispatch(entry.service, body, content_type, headers, deadline)
-                for body in elements
-            ),
-            return_exceptions=True,
-        )
+        calls = [
+            self.dispatcher.dispatch(entry.service, bytes(body), content_type, headers, deadline)
+            for body in bodies.reshape(-1)
+        ]
+        if len(calls) == 1:  # the common case, without gather's task per element
+            replies: list[Any] = [await calls[0]]
+        else:
+            replies = await asyncio.gather(*calls, return_exceptions=True)
         out = np.empty(len(replies), dtype=object)
         timings: dict[str, float] = {}
         for index, reply in enumerate(replies):
