@@ -23,7 +23,12 @@ With ``--baseline REV`` the same measures also run on the ``src/`` of git revisi
 (extracted to a temporary folder, run in a child process per round, interleaved with
 the working tree's), and both columns are printed side by side.
 
-Run: ``python benchmarks/v2_overhead.py [--baseline HEAD~3] [--rounds 5] [--calls 3000]``.
+With ``--instructions`` each tree runs once under valgrind (callgrind) and the figures are
+instructions per request: deterministic, so they compare trees on a busy machine
+(valgrind must be installed; a few minutes at ``--calls 300``).
+
+Run: ``python benchmarks/v2_overhead.py [--baseline REV] [--rounds 5] [--calls 3000]``
+or ``python benchmarks/v2_overhead.py --instructions --calls 300 [--baseline REV]``.
 """
 
 from __future__ import annotations
@@ -239,30 +244,53 @@ async def median_us(call: Callable[[], Awaitable[None]], calls: int) -> float:
     return statistics.median(times) * 1e6
 
 
+def all_points() -> dict[str, Callable[[], Awaitable[None]]]:
+    points = {f"front/{k}": v for k, v in front_calls().items()}
+    points.update({f"worker/{k}": v for k, v in worker_calls().items()})
+    return points
+
+
 async def one_round(calls: int) -> dict[str, float]:
     """Every point once, in order (after a short warm-up of each)."""
-    points = {**{f"front/{k}": v for k, v in front_calls().items()}}
-    points.update({f"worker/{k}": v for k, v in worker_calls().items()})
+    points = all_points()
     for call in points.values():
         await median_us(call, 200)
     return {name: await median_us(call, calls) for name, call in points.items()}
 
 
-def run_round(calls: int) -> dict[str, float]:
+async def marked_round(calls: int) -> list[str]:
+    """Every point ``calls`` times, each run between two calls of ``getppid`` (callgrind
+    dumps its counts there; nothing else here calls it)."""
+    points = all_points()
+    for call in points.values():
+        for _ in range(200):
+            await call()
+    os.getppid()
+    for call in points.values():
+        for _ in range(calls):
+            await call()
+        os.getppid()
+    return list(points)
+
+
+def run_loop(main: Awaitable[Any]) -> Any:
     try:
         import uvloop  # the server's loop when installed
 
-        return uvloop.run(one_round(calls))
+        return uvloop.run(main)
     except ImportError:
-        return asyncio.run(one_round(calls))
+        return asyncio.run(main)
+
+
+def child_env(src: Path) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(src), str(REPO_ROOT)])}
 
 
 def child_round(src: Path, calls: int) -> dict[str, float]:
     """One round in a child process whose ``splitserve`` is the one under ``src``."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(src), str(REPO_ROOT)])}
     out = subprocess.run(
         [sys.executable, __file__, "--child", "--calls", str(calls)],
-        env=env,
+        env=child_env(src),
         capture_output=True,
         text=True,
         timeout=600,
@@ -275,17 +303,67 @@ def child_round(src: Path, calls: int) -> dict[str, float]:
     return result
 
 
+def child_instructions(src: Path, calls: int) -> dict[str, float]:
+    """Instructions per call of each point (valgrind's callgrind, one child process):
+    deterministic, so one run per tree, whatever else the machine runs."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = subprocess.run(
+            [
+                "valgrind",
+                "--tool=callgrind",
+                "--dump-before=getppid",
+                f"--callgrind-out-file={tmp}/cg.out",
+                sys.executable,
+                __file__,
+                "--child",
+                "--marked",
+                "--calls",
+                str(calls),
+            ],
+            env={**child_env(src), "PYTHONHASHSEED": "0"},  # the same dict probes each run
+            capture_output=True,
+            text=True,
+            timeout=1800,
+            check=True,
+        )
+        names = json.loads(out.stdout.splitlines()[-1])
+        dumps = sorted(Path(tmp).glob("cg.out.*"), key=lambda p: int(p.suffix[1:]))
+        if len(dumps) != len(names) + 1:  # the warm-up's, then one per point
+            raise RuntimeError(f"{len(dumps)} callgrind dumps for {len(names)} points")
+        totals = [_callgrind_total(path) for path in dumps[1:]]
+    return {name: total / calls for name, total in zip(names, totals, strict=True)}
+
+
+def _callgrind_total(path: Path) -> int:
+    for line in path.read_text().splitlines():
+        if line.startswith("totals:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no totals in {path}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--calls", type=int, default=3000, help="calls per point per round")
     parser.add_argument("--baseline", help="a git revision to compare against (its src/)")
+    parser.add_argument(
+        "--instructions",
+        action="store_true",
+        help="count instructions per request under valgrind instead of timing (slow: "
+        "minutes; use --calls 300)",
+    )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--marked", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child and args.marked:
+        print(json.dumps(run_loop(marked_round(args.calls))))
+        return 0
     if args.child:
         import splitserve
 
-        print(json.dumps({**run_round(args.calls), "splitserve_from": splitserve.__file__}))
+        print(
+            json.dumps({**run_loop(one_round(args.calls)), "splitserve_from": splitserve.__file__})
+        )
         return 0
     columns: dict[str, Path] = {"this tree": REPO_ROOT / "src"}
     with tempfile.TemporaryDirectory() as tmp:
@@ -298,16 +376,22 @@ def main() -> int:
             subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
             columns = {args.baseline: Path(tmp) / "src", **columns}
         rounds: dict[str, list[dict[str, float]]] = {name: [] for name in columns}
-        for r in range(args.rounds):
+        for r in range(1 if args.instructions else args.rounds):
             for name, src in columns.items():
-                rounds[name].append(child_round(src, args.calls))
-            print(f"round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
+                if args.instructions:
+                    counts = child_instructions(src, args.calls)
+                    rounds[name].append({k: v / 1000 for k, v in counts.items()})
+                else:
+                    rounds[name].append(child_round(src, args.calls))
+            print(f"round {r + 1} done", file=sys.stderr, flush=True)
+    unit = "thousand instructions per request" if args.instructions else "µs per request"
     medians = {
         name: {point: statistics.median(row[point] for row in rows) for point in rows[0]}
         for name, rows in rounds.items()
     }
     names = list(medians)
-    print(f"{'µs per request (median)':<44}" + "".join(f"{n:>14}" for n in names))
+    title = unit if args.instructions else f"{unit} (median)"
+    print(f"{title:<44}" + "".join(f"{n:>14}" for n in names))
     for point in medians[names[-1]]:
         values = "".join(f"{medians[n].get(point, float('nan')):14.1f}" for n in names)
         print(f"{point:<44}{values}")
@@ -317,7 +401,11 @@ def main() -> int:
         worker = (
             m["worker/invoke_model (v2 engine model)"] - m["worker/invoke_service (plain route)"]
         )
-        print(f"{name}: v2 minus plain, front {front:.1f} µs, worker {worker:.1f} µs")
+        plain = m["front/plain /v1 route"]
+        print(
+            f"{name}: v2 binary minus plain: front {front:.1f} (v2 {front / plain + 1:.2f}x "
+            f"plain), worker {worker:.1f}"
+        )
     return 0
 
 
