@@ -20,7 +20,9 @@ messages (gRPC), so client CPU is alike; answers are checked once per configurat
 then read but not decoded. Configurations run in interleaved rounds (the machine is
 shared and noisy) and the medians over rounds are reported.
 
-Run: ``python benchmarks/protocols.py [--rounds 3] [--duration 6] [--json PATH]``.
+Run: ``python benchmarks/protocols.py [--rounds 3] [--duration 6] [--json PATH]``; only
+the no-op floor (about a minute): ``--parts noop``. The per-request Python of each route,
+in-process and without the noise of a full server: ``benchmarks/v2_overhead.py``.
 """
 
 from __future__ import annotations
@@ -238,7 +240,6 @@ async def measure_all(args: argparse.Namespace, port: int, grpc_port: int) -> di
     import grpc
 
     base = f"http://127.0.0.1:{port}"
-    image = np.random.default_rng(0).integers(0, 256, SHAPE, dtype=np.uint8)
     limit = 64 << 20
     channel = grpc.aio.insecure_channel(
         f"127.0.0.1:{grpc_port}",
@@ -250,9 +251,6 @@ async def measure_all(args: argparse.Namespace, port: int, grpc_port: int) -> di
     connector = aiohttp.TCPConnector(limit=0)
     results: dict[str, list[dict[str, Any]]] = {}
     async with aiohttp.ClientSession(connector=connector) as session:
-        frames_url = f"{base}/v2/models/frames.model/infer"
-        json_body, json_headers = v2_json("x", image, "UINT8")
-        binary_body, binary_headers = v2_binary("x", image, "UINT8")
         noop_binary, noop_headers = v2_binary("x", NOOP_VALUES[None, :], "FP32")
         service_binary, service_headers = v2_binary(
             "request", np.array([NOOP_VALUES.tobytes()], dtype=object), "BYTES", "response"
@@ -264,28 +262,10 @@ async def measure_all(args: argparse.Namespace, port: int, grpc_port: int) -> di
         )
 
         # correctness, once each
-        answer = await check_http(session, frames_url, binary_body, binary_headers)
-        header_len = len(answer) - image.nbytes
-        assert np.array_equal(np.frombuffer(answer[header_len:], np.uint8).reshape(SHAPE), image)
-        doc = json.loads(await check_http(session, frames_url, json_body, json_headers))
-        assert doc["outputs"][0]["data"][:8] == image.ravel()[:8].tolist()
         await check_http(session, *plain[:1], plain[1], plain[2])
         await check_http(session, f"{base}/v2/models/noop.model/infer", noop_binary, noop_headers)
         await check_http(session, f"{base}/v2/models/noop/infer", service_binary, service_headers)
-        from splitserve.protocol.grpc_v2 import inference_pb2 as pb
-
-        reply = pb.ModelInferResponse.FromString(
-            await channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")(
-                grpc_request("frames.model", "x", image, "UINT8")
-            )
-        )
-        assert reply.raw_output_contents[0] == image.tobytes()
-
-        tensor = {
-            "v2 JSON": http_call(session, frames_url, json_body, json_headers),
-            "v2 binary HTTP": http_call(session, frames_url, binary_body, binary_headers),
-            "gRPC raw": grpc_call(channel, grpc_request("frames.model", "x", image, "UINT8")),
-        }
+        tensor = await tensor_calls(session, channel, base) if "tensor" in args.parts else {}
         noop = {
             "plain /v1 route": http_call(session, *plain),
             "v2 binary, noop.model": http_call(
@@ -328,9 +308,35 @@ async def measure_all(args: argparse.Namespace, port: int, grpc_port: int) -> di
                     await task
                 results.setdefault(f"metrics/{scraping[0]}", []).append(row)
                 report(f"metrics/{scraping[0]}", row)
-        results["scrape_cpu"] = [await scrape_cpu(session, base, args.server_pid)]
+        if "metrics" in args.parts:
+            results["scrape_cpu"] = [await scrape_cpu(session, base, args.server_pid)]
     await channel.close()
     return results
+
+
+async def tensor_calls(session: Any, channel: Any, base: str) -> dict[str, Callable]:
+    """The image-tensor calls (bodies built and answers checked once: seconds for JSON)."""
+    from splitserve.protocol.grpc_v2 import inference_pb2 as pb
+
+    image = np.random.default_rng(0).integers(0, 256, SHAPE, dtype=np.uint8)
+    frames_url = f"{base}/v2/models/frames.model/infer"
+    json_body, json_headers = v2_json("x", image, "UINT8")
+    binary_body, binary_headers = v2_binary("x", image, "UINT8")
+    answer = await check_http(session, frames_url, binary_body, binary_headers)
+    header_len = len(answer) - image.nbytes
+    assert np.array_equal(np.frombuffer(answer[header_len:], np.uint8).reshape(SHAPE), image)
+    doc = json.loads(await check_http(session, frames_url, json_body, json_headers))
+    assert doc["outputs"][0]["data"][:8] == image.ravel()[:8].tolist()
+    message = grpc_request("frames.model", "x", image, "UINT8")
+    reply = pb.ModelInferResponse.FromString(
+        await channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")(message)
+    )
+    assert reply.raw_output_contents[0] == image.tobytes()
+    return {
+        "v2 JSON": http_call(session, frames_url, json_body, json_headers),
+        "v2 binary HTTP": http_call(session, frames_url, binary_body, binary_headers),
+        "gRPC raw": grpc_call(channel, message),
+    }
 
 
 async def scrape_cpu(session: Any, base: str, pid: int, scrapes: int = 200) -> dict[str, Any]:
@@ -373,8 +379,9 @@ def report(name: str, row: dict[str, Any]) -> None:
 
 
 def summarise(results: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Medians over rounds, and the ratios and floors of the parts that ran."""
     results = dict(results)
-    scrape = results.pop("scrape_cpu")[0]
+    scrape = results.pop("scrape_cpu", [None])[0]
     med = {
         k: {
             "rps": statistics.median(r["rps"] for r in rows),
@@ -384,24 +391,26 @@ def summarise(results: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         }
         for k, rows in results.items()
     }
-    binary = med["tensor/v2 binary HTTP"]["rps"]
-    ratios = {
-        "binary_over_json": binary / med["tensor/v2 JSON"]["rps"],
-        "grpc_over_binary": med["tensor/gRPC raw"]["rps"] / binary,
-        "v2_binary_p50_over_plain": med["noop/v2 binary, noop.model"]["p50_ms"]
-        / med["noop/plain /v1 route"]["p50_ms"],
-        "v2_service_p50_over_plain": med["noop/v2 binary, noop service"]["p50_ms"]
-        / med["noop/plain /v1 route"]["p50_ms"],
-        "scrape_rps_change": med["metrics/scrape 10 Hz"]["rps"] / med["metrics/no scrape"]["rps"]
-        - 1,
-    }
-    floors = {
-        "binary >= 5x JSON": ratios["binary_over_json"] >= 5,
-        "gRPC within 20% of binary": abs(ratios["grpc_over_binary"] - 1) <= 0.2,
-        "v2 binary p50 within 15% of plain": ratios["v2_binary_p50_over_plain"] <= 1.15,
-        "scraping costs < 3% req/s": ratios["scrape_rps_change"] > -0.03,
-    }
-    ratios["scrape_share_of_machine_at_10hz"] = scrape["share_of_machine_at_10hz"]
+    ratios: dict[str, float] = {}
+    floors: dict[str, bool] = {}
+    if "tensor/v2 binary HTTP" in med:
+        binary = med["tensor/v2 binary HTTP"]["rps"]
+        ratios["binary_over_json"] = binary / med["tensor/v2 JSON"]["rps"]
+        ratios["grpc_over_binary"] = med["tensor/gRPC raw"]["rps"] / binary
+        floors["binary >= 5x JSON"] = ratios["binary_over_json"] >= 5
+        floors["gRPC within 20% of binary"] = abs(ratios["grpc_over_binary"] - 1) <= 0.2
+    if "noop/plain /v1 route" in med:
+        plain = med["noop/plain /v1 route"]["p50_ms"]
+        ratios["v2_binary_p50_over_plain"] = med["noop/v2 binary, noop.model"]["p50_ms"] / plain
+        ratios["v2_service_p50_over_plain"] = med["noop/v2 binary, noop service"]["p50_ms"] / plain
+        floors["v2 binary p50 within 15% of plain"] = ratios["v2_binary_p50_over_plain"] <= 1.15
+    if "metrics/no scrape" in med:
+        ratios["scrape_rps_change"] = (
+            med["metrics/scrape 10 Hz"]["rps"] / med["metrics/no scrape"]["rps"] - 1
+        )
+        floors["scraping costs < 3% req/s"] = ratios["scrape_rps_change"] > -0.03
+    if scrape is not None:
+        ratios["scrape_share_of_machine_at_10hz"] = scrape["share_of_machine_at_10hz"]
     return {"medians": med, "ratios": ratios, "floors": floors, "scrape_cpu": scrape}
 
 
@@ -446,9 +455,8 @@ def main() -> int:
         results = asyncio.run(measure_all(args, port, grpc_port))
     finally:
         print(f"server stopped (exit code {stop_server(proc)})", flush=True)
-    summary = summarise(results) if len(args.parts) == 3 else {}
-    if summary:
-        print(json.dumps({"ratios": summary["ratios"], "floors": summary["floors"]}, indent=2))
+    summary = summarise(results)
+    print(json.dumps({"ratios": summary["ratios"], "floors": summary["floors"]}, indent=2))
     out = {
         "summary": summary,
         "results": results,

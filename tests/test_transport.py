@@ -157,3 +157,7 @@ def test_tensor_bundles_round_trip_and_refuse_what_they_do_not_describe() -> Non
             unpack_tensors_bundle(broken)
     with pytest.raises(BundleError):
         pack_tensors_bundle({"o": np.array([object()])})
+    # another byte order travels as native bytes: the values, not the raw bytes, arrive
+    swapped = np.arange(3, dtype=">i4")
+    back = unpack_tensors_bundle(pack_tensors_bundle({"s": swapped}))["s"]
+    assert back.dtype == np.dtype("int32") and back.tolist() == [0, 1, 2]

@@ -179,6 +179,20 @@ def test_http_errors(http, server: Server) -> None:
             {"Inference-Header-Content-Length": "80"},
         ),
         (b'{"inputs": [{"name": "x", "datatype": "NOPE", "shape": [1], "data": [1]}]}', {}),
+        (b'[{"name": "x"}]', {}),
+        (b'{"inputs": [{"name": "x", "shape": [1], "data": [1]}]}', {}),
+        (b'{"inputs": [{"name": 7, "datatype": "FP32", "shape": [1], "data": [1]}]}', {}),
+        (b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [true], "data": [1]}]}', {}),
+        (
+            b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1]}],'
+            b' "parameters": [1]}',
+            {},
+        ),
+        (
+            b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1],'
+            b' "parameters": {"binary_data_size": true}}]}\0\0\0\0',
+            {"Inference-Header-Content-Length": "103"},
+        ),
     ]:
         r = server.client.post("/v2/models/echo.model/infer", content=body, headers=headers)
         assert r.status_code == 400, r.text

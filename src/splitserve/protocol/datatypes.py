@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from splitserve.errors import BadRequest
+from splitserve.tensors import array_on
 
 _NUMERIC = {
     "BOOL": np.dtype(np.bool_),
@@ -31,6 +32,7 @@ _NUMERIC = {
     "FP64": np.dtype(np.float64),
 }
 _BY_DTYPE = {dtype: name for name, dtype in _NUMERIC.items()}
+_OBJECT = np.dtype(object)
 DATATYPES = (*_NUMERIC, "BF16", "BYTES")
 
 
@@ -47,7 +49,7 @@ def numpy_dtype(datatype: str) -> np.dtype:
     if datatype in _NUMERIC:
         return _NUMERIC[datatype]
     if datatype == "BYTES":
-        return np.dtype(object)
+        return _OBJECT
     if datatype == "BF16":
         return _bfloat16()
     raise BadRequest(f"unknown datatype {datatype!r}; known: {', '.join(DATATYPES)}")
@@ -61,7 +63,7 @@ def datatype_name(dtype: np.dtype | str) -> str:
     if str(dtype) == "bfloat16":
         return "BF16"
     dtype = np.dtype(dtype)
-    if dtype == np.dtype(object) or dtype.kind in "SU":
+    if dtype == _OBJECT or dtype.kind in "SU":
         return "BYTES"
     name = _BY_DTYPE.get(dtype)
     if name is None:
@@ -70,11 +72,13 @@ def datatype_name(dtype: np.dtype | str) -> str:
 
 
 def _check_shape(shape: Any) -> tuple[int, ...]:
-    if not isinstance(shape, list | tuple) or not all(
-        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
-    ):
-        raise BadRequest(f"shape must be a list of non-negative integers, got {shape!r}")
-    return tuple(shape)
+    if isinstance(shape, list | tuple):
+        for d in shape:  # a loop, not all(genexpr): this runs on every tensor
+            if type(d) is not int or d < 0:  # bool is not a dimension
+                break
+        else:
+            return tuple(shape)
+    raise BadRequest(f"shape must be a list of non-negative integers, got {shape!r}")
 
 
 def _count(shape: tuple[int, ...]) -> int:
@@ -126,7 +130,7 @@ def from_raw(name: str, datatype: str, shape: Any, raw: bytes | memoryview) -> n
         raise BadRequest(
             f"input {name!r}: {len(raw)} bytes of data, {datatype} {list(shape)} needs {expected}"
         )
-    return np.frombuffer(raw, dtype=dtype).reshape(shape)
+    return array_on(raw, dtype, shape)
 
 
 def _flatten(data: Any) -> list:
@@ -162,15 +166,19 @@ def from_json(name: str, datatype: str, shape: Any, data: Any) -> np.ndarray:
 
 def to_raw(arr: np.ndarray) -> bytes | memoryview:
     """The binary form of an output (numeric: a view of its bytes, no copy)."""
-    if arr.dtype == np.dtype(object):
+    if arr.dtype == _OBJECT:
         return join_bytes(arr)
-    return memoryview(np.ascontiguousarray(arr).reshape(-1).view(np.uint8))
+    arr = np.asarray(arr, order="C")
+    try:
+        return arr.data.cast("B")  # the cheap way, for what memoryview can describe
+    except (TypeError, ValueError):  # BF16 (no buffer format), an empty shape
+        return memoryview(arr.reshape(-1).view(np.uint8))
 
 
 def to_json(arr: np.ndarray) -> list:
     """The JSON form of an output: a flat list, row-major (BYTES as UTF-8 strings)."""
     flat = arr.reshape(-1)
-    if arr.dtype == np.dtype(object):
+    if arr.dtype == _OBJECT:
         try:
             return [x.decode() if isinstance(x, bytes) else str(x) for x in flat]
         except UnicodeDecodeError:

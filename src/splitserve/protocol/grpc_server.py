@@ -34,6 +34,7 @@ from splitserve.protocol.models import (
     VERSION,
     ModelEntry,
     ModelRegistry,
+    inference_count,
     model_config,
     model_metadata,
     select_outputs,
@@ -253,8 +254,7 @@ class InferenceServicer:
                 )
                 response.raw_output_contents.append(bytes(datatypes.to_raw(arr)))
             status = 200
-            first = next(iter(inputs.values()))
-            count = int(first.shape[0]) if entry.engine_model and first.ndim else first.size
+            count = inference_count(entry, inputs)
             return response
         except asyncio.CancelledError:  # the client cancelled: the jobs started are cancelled
             status = 499

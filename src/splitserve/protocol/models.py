@@ -21,6 +21,7 @@ import asyncio
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -60,13 +61,18 @@ class ModelEntry:
     inputs: list[TensorMeta] = field(default_factory=list)
     outputs: list[TensorMeta] = field(default_factory=list)
 
+    @cached_property
+    def input_index(self) -> dict[str, TensorMeta]:
+        """The inputs by name (checked on every request)."""
+        return {meta.name: meta for meta in self.inputs}
+
     @property
     def platform(self) -> str:
         if not self.engine_model:
             return "splitserve_service"
         return PLATFORMS.get(self.backend, self.backend)
 
-    @property
+    @cached_property
     def stats_key(self) -> str:
         """The key of this model in the request and engine statistics."""
         return f"{self.service}/{self.engine_model}" if self.engine_model else self.service
@@ -174,14 +180,14 @@ class ModelRegistry:
         headers: dict[str, str],
         content_type: str,
     ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-        elements = [bytes(x) for x in bodies.reshape(-1)]
-        replies = await asyncio.gather(
-            *(
-                self.dispatcher.dispatch(entry.service, body, content_type, headers, deadline)
-                for body in elements
-            ),
-            return_exceptions=True,
-        )
+        calls = [
+            self.dispatcher.dispatch(entry.service, bytes(body), content_type, headers, deadline)
+            for body in bodies.reshape(-1)
+        ]
+        if len(calls) == 1:  # the common case, without gather's task per element
+            replies: list[Any] = [await calls[0]]
+        else:
+            replies = await asyncio.gather(*calls, return_exceptions=True)
         out = np.empty(len(replies), dtype=object)
         timings: dict[str, float] = {}
         for index, reply in enumerate(replies):
@@ -219,23 +225,32 @@ def _metas(infos: list[Any]) -> list[TensorMeta]:
 
 def _check_inputs(entry: ModelEntry, inputs: dict[str, np.ndarray]) -> None:
     """Names, datatypes and ranks against the signature (the engine checks the rest)."""
-    expected = {meta.name: meta for meta in entry.inputs}
-    if set(inputs) != set(expected):
+    expected = entry.input_index
+    if inputs.keys() != expected.keys():
         raise BadRequest(
             f"model {entry.name!r} takes inputs {sorted(expected)}, got {sorted(inputs)}"
         )
     for name, arr in inputs.items():
         meta = expected[name]
-        if datatype_name(arr.dtype) != meta.datatype:
+        datatype = datatype_name(arr.dtype)
+        if datatype != meta.datatype:
             raise BadRequest(
-                f"input {name!r} of model {entry.name!r} must be {meta.datatype}, "
-                f"got {datatype_name(arr.dtype)}"
+                f"input {name!r} of model {entry.name!r} must be {meta.datatype}, got {datatype}"
             )
         if arr.ndim != len(meta.shape):
             raise BadRequest(
                 f"input {name!r} of model {entry.name!r} must have shape {meta.shape}, "
                 f"got {list(arr.shape)}"
             )
+
+
+def inference_count(entry: ModelEntry, inputs: dict[str, np.ndarray]) -> int:
+    """What Triton's statistics count for one request: rows of an engine model's batch
+    axis (its first input's), elements of a service model's request tensor."""
+    first = next(iter(inputs.values()))
+    if entry.engine_model:
+        return int(first.shape[0]) if first.ndim else 1
+    return int(first.size)
 
 
 def select_outputs(

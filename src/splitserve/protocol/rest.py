@@ -25,19 +25,13 @@ from typing import Any, Protocol
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import ClientDisconnect
 from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from splitserve.config import ServerConfig
-from splitserve.errors import (
-    BadRequest,
-    NotFound,
-    PayloadTooLarge,
-    ServiceError,
-    Unauthorized,
-)
+from splitserve.errors import BadRequest, NotFound, ServiceError, Unauthorized
+from splitserve.protocol.body import read_body, request_headers
 from splitserve.protocol.grpc_server import with_grpc
 from splitserve.protocol.metrics import InferenceStats, metrics_route
 from splitserve.protocol.v2 import v2_routes
@@ -134,27 +128,6 @@ def _response(reply: Reply) -> Response:
     return Response(reply.body, reply.status, headers=headers, media_type=reply.content_type)
 
 
-async def read_body(request: HttpRequest, limit: int) -> bytes:
-    """The body, refused with 413 as soon as it is known to pass ``limit`` bytes."""
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        if not declared.isdigit():
-            raise BadRequest("invalid Content-Length header")
-        if int(declared) > limit:
-            raise PayloadTooLarge(f"body of {declared} bytes is above the limit of {limit}")
-    chunks: list[bytes] = []
-    size = 0
-    try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise PayloadTooLarge(f"body is above the limit of {limit} bytes")
-            chunks.append(chunk)
-    except ClientDisconnect:
-        raise BadRequest("client disconnected while sending the body") from None
-    return b"".join(chunks)
-
-
 def create_app(
     dispatcher: Dispatcher,
     cfg: ServerConfig,
@@ -172,11 +145,12 @@ def create_app(
         try:
             if name not in catalogue:
                 raise NotFound(f"no service named {name!r}; served: {sorted(catalogue)}")
-            deadline = request_deadline(request.headers, cfg, time.monotonic())
-            body = await read_body(request, cfg.max_body_bytes)
-            content_type = request.headers.get("content-type", "application/octet-stream")
+            headers = request_headers(request)
+            deadline = request_deadline(headers, cfg, time.monotonic())
+            body = await read_body(request, headers, cfg.max_body_bytes)
+            content_type = headers.get("content-type", "application/octet-stream")
             reply = await dispatch_watched(
-                request, dispatcher, name, body, content_type, dict(request.headers), deadline
+                request, dispatcher, name, body, content_type, headers, deadline
             )
         except ServiceError as exc:
             reply = error_reply(exc)
@@ -199,13 +173,14 @@ def create_app(
             return JSONResponse({"status": "ready"})
         return JSONResponse({"status": "not ready"}, status_code=503)
 
+    # Starlette tries the routes in order: the inference routes come first.
     routes = [
         Route("/v1/services/{name}", post_service, methods=["POST"]),
+        *v2_routes(dispatcher, cfg, catalogue, inference_stats, request_stats),
         Route("/v1/services", services, methods=["GET"]),
         Route("/v1/stats", stats, methods=["GET"]),
         Route("/health/live", live, methods=["GET"]),
         Route("/health/ready", ready, methods=["GET"]),
-        *v2_routes(dispatcher, cfg, catalogue, inference_stats, request_stats),
         metrics_route(inference_stats, request_stats, dispatcher),
     ]
     lifespan = with_grpc(lifespan, dispatcher, cfg, catalogue, inference_stats, request_stats)

@@ -33,12 +33,14 @@ from starlette.routing import Route
 from splitserve.config import ServerConfig
 from splitserve.errors import BadRequest, PayloadTooLarge, ServiceError, error_status_and_kind
 from splitserve.protocol import datatypes
+from splitserve.protocol.body import read_body, request_headers
 from splitserve.protocol.metrics import InferenceStats, model_statistics
 from splitserve.protocol.models import (
     DEFAULT_CONTENT_TYPE,
     VERSION,
     ModelEntry,
     ModelRegistry,
+    inference_count,
     model_config,
     model_metadata,
     select_outputs,
@@ -48,6 +50,7 @@ from splitserve.protocol.watch import watched
 log = logging.getLogger("splitserve.v2")
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
+HEADER_LENGTH_KEY = HEADER_LENGTH.lower()  # as ASGI names it
 EXTENSIONS = ["binary_tensor_data", "model_configuration", "statistics"]
 
 
@@ -99,55 +102,96 @@ def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
     return data
 
 
-def parse_infer_body(body: bytes, header_length: str | None) -> tuple[dict[str, Any], memoryview]:
-    """The JSON header and the binary data after it."""
+class InputTensor(msgspec.Struct):
+    """One input of an inference request (``shape`` is checked where tensors are made)."""
+
+    name: str
+    datatype: str
+    shape: Any = None
+    parameters: dict[str, Any] | None = None
+    data: Any = msgspec.UNSET  # absent: the tensor is binary data after the JSON header
+
+
+class RequestedOutput(msgspec.Struct):
+    name: str
+    parameters: dict[str, Any] | None = None
+
+
+class InferRequest(msgspec.Struct):
+    """The JSON of an inference request (the binary extension's header), typed: msgspec
+    checks the structure while it decodes, the code below only what types cannot say."""
+
+    inputs: list[InputTensor]
+    outputs: list[RequestedOutput] | None = None
+    parameters: dict[str, Any] | None = None
+    id: Any = None
+
+
+class _BinaryData(msgspec.Struct):
+    binary_data_size: int
+
+
+class _OutputTensor(msgspec.Struct, omit_defaults=True):
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    parameters: _BinaryData | None = None
+    data: list | None = None
+
+
+class _InferResponse(msgspec.Struct, omit_defaults=True):
+    model_name: str
+    model_version: str
+    outputs: list[_OutputTensor]
+    id: Any = None
+
+
+_decode_request = msgspec.json.Decoder(InferRequest).decode
+_encode = msgspec.json.Encoder().encode
+
+
+def parse_infer_body(body: bytes, header_length: str | None) -> tuple[InferRequest, memoryview]:
+    """The JSON header and the binary data after it (a view: the tensors are not copied)."""
     if header_length is None:
         json_part, binary = body, memoryview(b"")
     else:
         if not header_length.isdigit() or int(header_length) > len(body):
             raise BadRequest(f"invalid {HEADER_LENGTH} {header_length!r}")
+        view = memoryview(body)
         split = int(header_length)
-        json_part, binary = body[:split], memoryview(body)[split:]
+        json_part, binary = view[:split], view[split:]
     try:
-        doc = msgspec.json.decode(json_part)
+        request = _decode_request(json_part)
+    except msgspec.ValidationError as exc:
+        raise BadRequest(f"invalid inference request: {exc}") from None
     except msgspec.DecodeError as exc:
         raise BadRequest(f"the inference request is not valid JSON: {exc}") from None
-    if not isinstance(doc, dict):
-        raise BadRequest("the inference request must be a JSON object")
-    return doc, binary
-
-
-def _parameters(doc: dict[str, Any], where: str) -> dict[str, Any]:
-    parameters = doc.get("parameters") or {}
-    if not isinstance(parameters, dict):
-        raise BadRequest(f"'parameters' of {where} must be an object")
-    return parameters
-
-
-def decode_inputs(doc: dict[str, Any], binary: memoryview) -> dict[str, np.ndarray]:
-    inputs = doc.get("inputs")
-    if not isinstance(inputs, list) or not inputs:
+    if not request.inputs:
         raise BadRequest("the inference request needs a non-empty 'inputs' list")
+    return request, binary
+
+
+def decode_inputs(request: InferRequest, binary: memoryview) -> dict[str, np.ndarray]:
     tensors: dict[str, np.ndarray] = {}
     offset = 0
-    for item in inputs:
-        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
-            raise BadRequest("each input needs a 'name'")
-        name = item["name"]
-        datatype = item.get("datatype")
-        if not isinstance(datatype, str):
-            raise BadRequest(f"input {name!r} needs a 'datatype'")
+    for item in request.inputs:
+        name = item.name
         if name in tensors:
             raise BadRequest(f"input {name!r} is given twice")
-        size = _parameters(item, f"input {name!r}").get("binary_data_size")
+        size = item.parameters.get("binary_data_size") if item.parameters else None
         if size is not None:
-            if not isinstance(size, int) or size < 0 or offset + size > len(binary):
+            if (
+                not isinstance(size, int)
+                or isinstance(size, bool)
+                or size < 0
+                or offset + size > len(binary)
+            ):
                 raise BadRequest(f"input {name!r}: binary_data_size {size!r} past the body")
             raw = binary[offset : offset + size]
             offset += size
-            tensors[name] = datatypes.from_raw(name, datatype, item.get("shape"), raw)
-        elif "data" in item:
-            tensors[name] = datatypes.from_json(name, datatype, item.get("shape"), item["data"])
+            tensors[name] = datatypes.from_raw(name, item.datatype, item.shape, raw)
+        elif item.data is not msgspec.UNSET:
+            tensors[name] = datatypes.from_json(name, item.datatype, item.shape, item.data)
         else:
             raise BadRequest(f"input {name!r} has neither 'data' nor binary_data_size")
     if offset != len(binary):
@@ -155,20 +199,15 @@ def decode_inputs(doc: dict[str, Any], binary: memoryview) -> dict[str, np.ndarr
     return tensors
 
 
-def requested_outputs(doc: dict[str, Any]) -> tuple[list[str], dict[str, bool]]:
+def requested_outputs(request: InferRequest) -> tuple[list[str], dict[str, bool]]:
     """The outputs asked for by name, and which of them as binary data."""
-    outputs = doc.get("outputs") or []
-    if not isinstance(outputs, list):
-        raise BadRequest("'outputs' must be a list")
     names: list[str] = []
     binary: dict[str, bool] = {}
-    for item in outputs:
-        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
-            raise BadRequest("each requested output needs a 'name'")
-        names.append(item["name"])
-        flag = _parameters(item, f"output {item['name']!r}").get("binary_data")
+    for item in request.outputs or ():
+        names.append(item.name)
+        flag = item.parameters.get("binary_data") if item.parameters else None
         if flag is not None:
-            binary[item["name"]] = bool(flag)
+            binary[item.name] = bool(flag)
     return names, binary
 
 
@@ -179,25 +218,18 @@ def encode_response(
     binary: dict[str, bool],
     all_binary: bool,
 ) -> Response:
-    docs: list[dict[str, Any]] = []
-    chunks: list[bytes] = []
+    docs: list[_OutputTensor] = []
+    chunks: list[bytes | memoryview] = []
     for name, arr in outputs.items():
-        doc: dict[str, Any] = {
-            "name": name,
-            "datatype": datatypes.datatype_name(arr.dtype),
-            "shape": list(arr.shape),
-        }
+        doc = _OutputTensor(name, datatypes.datatype_name(arr.dtype), arr.shape)
         if binary.get(name, all_binary):
             raw = datatypes.to_raw(arr)
-            doc["parameters"] = {"binary_data_size": len(raw)}
+            doc.parameters = _BinaryData(len(raw))
             chunks.append(raw)
         else:
-            doc["data"] = datatypes.to_json(arr)
+            doc.data = datatypes.to_json(arr)
         docs.append(doc)
-    result: dict[str, Any] = {"model_name": entry.name, "model_version": VERSION, "outputs": docs}
-    if request_id is not None:
-        result["id"] = request_id
-    header = msgspec.json.encode(result)
+    header = _encode(_InferResponse(entry.name, VERSION, docs, request_id))
     if not chunks:
         return Response(header, media_type="application/json")
     return Response(
@@ -270,8 +302,6 @@ def v2_routes(
         return JSONResponse({"model_stats": [_statistics(e) for e in entries]})
 
     async def infer(request: HttpRequest) -> Response:
-        from splitserve.protocol.rest import read_body
-
         try:
             entry = _entry(request)
         except ServiceError as exc:
@@ -279,11 +309,12 @@ def v2_routes(
         started = stats.started(entry.stats_key)
         status, timings, count = 500, {}, 0
         try:
-            body = await read_body(request, cfg.max_body_bytes)
-            encoding = request.headers.get("content-encoding", "").lower()
+            headers = request_headers(request)
+            body = await read_body(request, headers, cfg.max_body_bytes)
+            encoding = headers.get("content-encoding", "").lower()
             body = _decompress(body, encoding, cfg.max_body_bytes)
-            doc, binary = parse_infer_body(body, request.headers.get(HEADER_LENGTH.lower()))
-            parameters = _parameters(doc, "the request")
+            doc, binary = parse_infer_body(body, headers.get(HEADER_LENGTH_KEY))
+            parameters = doc.parameters or {}
             deadline = request_deadline(parameters, cfg)
             inputs = decode_inputs(doc, binary)
             names, binary_outputs = requested_outputs(doc)
@@ -293,20 +324,20 @@ def v2_routes(
                     entry,
                     inputs,
                     deadline=deadline,
-                    headers=dict(request.headers),
+                    headers=headers,
                     content_type=content_type_parameter(parameters),
                 ),
             )
             outputs = select_outputs(entry, outputs, names)
             response = encode_response(
                 entry,
-                doc.get("id"),
+                doc.id,
                 outputs,
                 binary_outputs,
                 bool(parameters.get("binary_data_output", False)),
             )
             status = 200
-            count = _inference_count(entry, inputs)
+            count = inference_count(entry, inputs)
             return response
         except Exception as exc:
             if not isinstance(exc, ServiceError):
@@ -324,7 +355,8 @@ def v2_routes(
             Route(f"/v2/models/{{name}}/versions/{{version}}{path}", endpoint, methods=methods),
         ]
 
-    return [
+    return [  # inference first: Starlette tries the routes in order
+        *versioned("/infer", infer, ["POST"]),
         Route("/v2", metadata, methods=["GET"]),
         Route("/v2/health/live", live, methods=["GET"]),
         Route("/v2/health/ready", ready, methods=["GET"]),
@@ -333,12 +365,4 @@ def v2_routes(
         *versioned("/ready", model_ready, ["GET"]),
         *versioned("/config", config, ["GET"]),
         *versioned("/stats", model_stats, ["GET"]),
-        *versioned("/infer", infer, ["POST"]),
     ]
-
-
-def _inference_count(entry: ModelEntry, inputs: dict[str, np.ndarray]) -> int:
-    first = next(iter(inputs.values()))
-    if entry.engine_model:
-        return int(first.shape[0]) if first.ndim else 1
-    return int(first.size)

@@ -16,7 +16,7 @@ import numpy as np
 
 from splitserve.runtime.messages import TensorRef
 from splitserve.runtime.shm import ShmAttachments, ShmPool
-from splitserve.tensors import ALLOWED_DTYPES
+from splitserve.tensors import array_on, wire_dtype, wire_form
 
 # Measured by benchmarks/transport.py (docs/benchmarks.md): up to 16 KiB both ways
 # cost the same; from 32 KiB shared memory wins (an inline frame crosses the kernel
@@ -59,8 +59,8 @@ def _pack_into(
     segments: list[str],
 ) -> None:
     for name, value in tensors.items():
-        arr = np.ascontiguousarray(value)
-        if arr.dtype.name not in ALLOWED_DTYPES:
+        arr, dtype_name = wire_form(value)
+        if dtype_name is None:
             raise TransportError(f"tensor {name!r} has unsupported dtype {arr.dtype}")
         slot = (
             pool.allocate(arr.nbytes)
@@ -69,16 +69,14 @@ def _pack_into(
         )
         if slot is None:
             refs.append(
-                TensorRef(name, arr.dtype.name, arr.shape, frame=len(frames), nbytes=arr.nbytes)
+                TensorRef(name, dtype_name, arr.shape, frame=len(frames), nbytes=arr.nbytes)
             )
             frames.append(arr.data.cast("B") if arr.nbytes else b"")
         else:
             segment, view = slot
             segments.append(segment)
             np.frombuffer(view, dtype=arr.dtype).reshape(arr.shape)[...] = arr
-            refs.append(
-                TensorRef(name, arr.dtype.name, arr.shape, segment=segment, nbytes=arr.nbytes)
-            )
+            refs.append(TensorRef(name, dtype_name, arr.shape, segment=segment, nbytes=arr.nbytes))
 
 
 def unpack_tensors(
@@ -94,10 +92,10 @@ def unpack_tensors(
     """
     out: dict[str, np.ndarray] = {}
     for ref in refs:
-        if ref.dtype not in ALLOWED_DTYPES:
+        dtype = wire_dtype(ref.dtype)
+        if dtype is None:
             raise TransportError(f"tensor {ref.name!r}: dtype {ref.dtype!r} not allowed")
-        dtype = np.dtype(ref.dtype)
-        if any(d < 0 for d in ref.shape):
+        if min(ref.shape, default=0) < 0:
             raise TransportError(f"tensor {ref.name!r}: negative dimension in {ref.shape}")
         nbytes = math.prod(ref.shape) * dtype.itemsize
         if nbytes != ref.nbytes:
@@ -116,6 +114,6 @@ def unpack_tensors(
                 )
         else:
             raise TransportError(f"tensor {ref.name!r}: no frame {ref.frame}")
-        arr = np.frombuffer(buf, dtype=dtype).reshape(ref.shape)
+        arr = array_on(buf, dtype, ref.shape)
         out[ref.name] = arr.copy() if copy_shared and ref.segment else arr
     return out
