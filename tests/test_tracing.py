@@ -27,7 +27,7 @@ from splitserve.protocol import tracing
 from splitserve.protocol.grpc_v2 import inference_pb2 as pb
 from tests.conftest import Server, free_port
 
-SERVICES = ["tests.services:Echo", "tests.services:Pipeline"]
+SERVICES = ["tests.services:Echo", "tests.services:Pipeline", "tests.services:Misbehave"]
 TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
 # the standard variables: spans leave the front within 50 ms, under this service name
 TRACE_ENV = {"OTEL_BSP_SCHEDULE_DELAY": "50", "OTEL_SERVICE_NAME": "splitserve-test"}
@@ -265,6 +265,22 @@ def test_grpc_request(server: Server, receiver: OtlpReceiver) -> None:
         (job,) = children(spans, dispatch, "job")
         assert names(children(spans, job)) == ["preprocess", "infer", "postprocess"]
 
+    # a refused call: its code on the span, not counted as the server's failure
+    traceparent, trace_id, _ = new_traceparent()
+    with grpc.insecure_channel(server.grpc_url) as channel:  # type: ignore[attr-defined]
+        infer = channel.unary_unary(
+            "/inference.GRPCInferenceService/ModelInfer",
+            request_serializer=pb.ModelInferRequest.SerializeToString,
+            response_deserializer=pb.ModelInferResponse.FromString,
+        )
+        with pytest.raises(grpc.RpcError) as refused:
+            infer(pb.ModelInferRequest(model_name="nope"), metadata=[("traceparent", traceparent)])
+    assert refused.value.code() == grpc.StatusCode.NOT_FOUND
+    assert answered(dict(refused.value.initial_metadata()).get("traceparent"))[0] == trace_id
+    (root,) = receiver.trace(trace_id, lambda found: len(found) == 1)
+    assert attributes(root)["rpc.grpc.status_code"] == grpc.StatusCode.NOT_FOUND.value[0]
+    assert root.status.code != Status.STATUS_CODE_ERROR
+
 
 def test_v2_engine_model_and_errors(server: Server, receiver: OtlpReceiver) -> None:
     """A direct engine model call has no pre/postprocess; a failing request's spans are
@@ -297,6 +313,24 @@ def test_v2_engine_model_and_errors(server: Server, receiver: OtlpReceiver) -> N
     assert attributes(job)["splitserve.status"] == 422
 
 
+def test_server_error(server: Server, receiver: OtlpReceiver) -> None:
+    """A 500 marks the spans failed down to the stage that failed: here the engine's
+    batch, whose 0-d output cannot be split into rows (split mode's check)."""
+    if server.mode == "threaded":
+        pytest.skip("threaded mode hands a model's outputs over unchecked")
+    traceparent, trace_id, _ = new_traceparent()
+    r = server.post("misbehave", json={"scalar": True}, headers={"traceparent": traceparent})
+    assert r.status_code == 500, r.text
+    spans = receiver.trace(
+        trace_id, lambda found: {"infer", "POST /v1/services/{name}"} <= set(names(found))
+    )
+    failed = {s.name for s in spans if s.status.code == Status.STATUS_CODE_ERROR}
+    assert failed == {"POST /v1/services/{name}", "dispatch", "job", "infer"}
+    (call,) = [s for s in spans if s.name == "infer"]
+    assert attributes(call)["error.type"] == "engine_error"
+    assert attributes(call)["splitserve.model"] == "misbehave/scalar"
+
+
 def test_unsampled_and_new_traces(server: Server, receiver: OtlpReceiver) -> None:
     """An unsampled parent records nothing anywhere (its trace id is answered); no
     traceparent starts a trace of the server's own."""
@@ -319,9 +353,10 @@ def test_unsampled_and_new_traces(server: Server, receiver: OtlpReceiver) -> Non
     assert "traceparent" not in r.headers
 
 
-def test_only_the_front_loads_opentelemetry(server: Server) -> None:
-    """The positive control of test_off: the interpreter's own import log shows the
-    exporter loaded when tracing is on."""
+def test_import_log_shows_the_exporter(server: Server) -> None:
+    """The control of test_off: with tracing on, the interpreters' own import log shows
+    the exporter loaded (by the front: import-linter keeps it out of workers and
+    engines)."""
     assert re.search(r"^import 'opentelemetry\.exporter", server.log(), re.MULTILINE)
 
 
