@@ -22,9 +22,12 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 )
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
+# Triton's client messages (the server's own inference_pb2 declares the same protobuf
+# package, and tritonclient's are loaded in this process by test_v2_clients already)
+from tritonclient.grpc import service_pb2 as pb
+
 from splitserve.config import ServerConfig
 from splitserve.protocol import tracing
-from splitserve.protocol.grpc_v2 import inference_pb2 as pb
 from tests.conftest import Server, free_port
 
 SERVICES = ["tests.services:Echo", "tests.services:Pipeline", "tests.services:Misbehave"]
