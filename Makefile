@@ -22,7 +22,7 @@ serve: $(BIN)/python
 
 # Everything the tests, the linters and the examples need.
 dev: $(BIN)/python
-	$(BIN)/pip install --quiet -e '.[ocr,build,bench,dev,ray]'
+	$(BIN)/pip install --quiet -e '.[ocr,build,bench,dev,ray,trace]'
 
 # Install everything the tests need, then run the whole suite.
 test: dev kserve-venv

@@ -64,6 +64,7 @@ class Server:
         *args: str,
         ready_timeout: float = 120,
         headers: dict[str, str] | None = None,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.mode = "threaded" if "threaded" in args else "split"
         self.port = free_port()
@@ -82,7 +83,13 @@ class Server:
             str(self.port),
             *args,
         ]
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **env} if env else None,
+        )
         self.client = httpx.Client(base_url=self.url, timeout=30, headers=headers)
         self.wait_ready(ready_timeout)
 

@@ -12,6 +12,7 @@ from splitserve.bench import cli as bench_cli
 from splitserve.compile import cli as build_cli
 from splitserve.config import ServerConfig
 from splitserve.layout import Services, plan, with_default_layout
+from splitserve.protocol import tracing
 from splitserve.runtime.process import check_port_free, configure_logging
 
 
@@ -33,6 +34,8 @@ def serve(cfg: ServerConfig) -> int:
     resolved model specs and never imports the build tools.
     """
     configure_logging(cfg.log_level)
+    if cfg.trace != "off" and tracing.missing_modules():
+        raise SystemExit(f"splitserve: --trace needs the trace extra: {tracing.INSTALL_HINT}")
     check_port_free(cfg.host, cfg.port)  # before builds that may take minutes
     if cfg.grpc_port:
         check_port_free(cfg.host, cfg.grpc_port)

@@ -100,6 +100,14 @@ class ServerConfig:
         "shared memory each process may hold for tensors (larger ones then go inline)",
     )
     log_level: str = _setting("INFO", "DEBUG, INFO, WARNING or ERROR")
+    trace: str = _setting(
+        "off",
+        "OpenTelemetry traces, a span per stage of each inference request, W3C traceparent "
+        "read from and answered to clients (needs the `trace` extra): off (nothing loaded); "
+        "on (OTLP over HTTP to $OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, "
+        "$OTEL_EXPORTER_OTLP_ENDPOINT or http://localhost:4318); or a collector's URL, "
+        "e.g. http://127.0.0.1:4318",
+    )
     # Per-model overrides of the declarations, by "service/model": the config file only.
     models: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -110,6 +118,8 @@ class ServerConfig:
         for name in ("worker_concurrency", "threads", "queue_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        if self.trace not in ("off", "on") and not self.trace.startswith(("http://", "https://")):
+            raise ValueError(f"trace must be off, on or an http(s):// URL, got {self.trace!r}")
         if self.crash_retries < 0:
             raise ValueError("crash_retries must be >= 0")
         if self.cpu_workers is not None and self.cpu_workers < 1:

@@ -21,6 +21,22 @@ from splitserve.media import JSON, OCTET_STREAM
 TIMINGS_HEADER = "X-Splitserve-Timings"
 
 
+class Stage(msgspec.Struct, array_like=True):
+    """One stage of a traced request, where it ran, and the stages within it.
+
+    Times are ``time.monotonic()`` seconds: one clock for every process of a host, so the
+    front can place what a CPU worker or an engine did. The front turns a request's
+    stages into OpenTelemetry spans (protocol/tracing.py); nothing else imports
+    OpenTelemetry. An ``error.type`` attribute marks a stage that failed.
+    """
+
+    name: str
+    start: float
+    end: float
+    attributes: dict[str, str | int | float] = {}
+    children: list[Stage] = []
+
+
 @dataclass
 class Reply:
     status: int
@@ -28,6 +44,7 @@ class Reply:
     body: bytes
     timings: dict[str, float] = field(default_factory=dict)
     headers: dict[str, str] = field(default_factory=dict)
+    stages: list[Stage] = field(default_factory=list)  # a traced request's only
 
 
 def _json_default(value: Any) -> Any:

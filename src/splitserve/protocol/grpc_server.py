@@ -27,7 +27,7 @@ import numpy as np
 
 from splitserve.config import ServerConfig
 from splitserve.errors import BadRequest, ServiceError, Unauthorized, error_status_and_kind
-from splitserve.protocol import datatypes
+from splitserve.protocol import datatypes, tracing
 from splitserve.protocol.grpc_v2 import inference_pb2 as pb
 from splitserve.protocol.metrics import InferenceStats, model_statistics
 from splitserve.protocol.models import (
@@ -269,6 +269,9 @@ class InferenceServicer:
             self.request_stats.record(status, timings)
 
     def handler(self) -> grpc.GenericRpcHandler:
+        infer: Callable = self.ModelInfer
+        if tracing.enabled():
+            infer = tracing.traced_rpc(f"{SERVICE}/ModelInfer", infer)
         methods: dict[str, tuple[Callable, Any, Any]] = {
             "ServerLive": (self.ServerLive, pb.ServerLiveRequest, pb.ServerLiveResponse),
             "ServerReady": (self.ServerReady, pb.ServerReadyRequest, pb.ServerReadyResponse),
@@ -283,7 +286,7 @@ class InferenceServicer:
                 pb.ModelMetadataRequest,
                 pb.ModelMetadataResponse,
             ),
-            "ModelInfer": (self.ModelInfer, pb.ModelInferRequest, pb.ModelInferResponse),
+            "ModelInfer": (infer, pb.ModelInferRequest, pb.ModelInferResponse),
             "ModelConfig": (self.ModelConfig, pb.ModelConfigRequest, pb.ModelConfigResponse),
             "ModelStatistics": (
                 self.ModelStatistics,

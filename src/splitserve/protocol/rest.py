@@ -11,6 +11,8 @@ Routes:
 - ``/v2/...``: the Open Inference Protocol (protocol/v2.py); ``GET /metrics``:
   Prometheus (protocol/metrics.py).
 
+With ``--trace``, inference requests are traced (protocol/tracing.py).
+
 The front does no user work: it checks the route and the body size, stamps a deadline
 and hands the request to a ``Dispatcher``.
 """
@@ -31,6 +33,7 @@ from starlette.routing import Route
 
 from splitserve.config import ServerConfig
 from splitserve.errors import BadRequest, NotFound, ServiceError, Unauthorized
+from splitserve.protocol import tracing
 from splitserve.protocol.body import read_body, request_headers
 from splitserve.protocol.grpc_server import with_grpc
 from splitserve.protocol.metrics import InferenceStats, metrics_route
@@ -136,6 +139,7 @@ def create_app(
 ) -> Starlette:
     """The ASGI app; ``catalogue`` maps service names to a description of their models."""
 
+    tracing.start(cfg)  # when --trace asks for it
     request_stats = RequestStats()
     inference_stats = InferenceStats()  # per model, for /v2 statistics and /metrics
 
@@ -188,7 +192,8 @@ def create_app(
         routes=routes, lifespan=lifespan, exception_handlers={HTTPException: _routing_error}
     )
     app.router.redirect_slashes = False  # `POST /v1/services/` is a 404, not a redirect
-    return BearerAuth(app, cfg.auth_token) if cfg.auth_token else app
+    traced = tracing.HttpTracing(app) if tracing.enabled() else app
+    return BearerAuth(traced, cfg.auth_token) if cfg.auth_token else traced
 
 
 async def _routing_error(_: HttpRequest, exc: Exception) -> Response:

@@ -51,6 +51,7 @@ class PendingRequest:
     failed: bool = False
     parts: list[tuple[int, dict[str, np.ndarray]]] = field(default_factory=list)
     outputs: dict[str, np.ndarray] | None = None
+    stages: list[Any] | None = None  # a traced request's stages, filled by whoever runs it
 
 
 @dataclass(eq=False)

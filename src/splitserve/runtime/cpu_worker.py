@@ -30,11 +30,11 @@ from splitserve.errors import (
     Unavailable,
 )
 from splitserve.layout import load_services
-from splitserve.replies import Reply, error_reply
+from splitserve.replies import Reply, Stage, error_reply
 from splitserve.runtime import channel as chan
 from splitserve.runtime import messages as msg
 from splitserve.runtime.control import report_ready
-from splitserve.runtime.invoke import invoke_model, invoke_service
+from splitserve.runtime.invoke import invoke_model, invoke_service, job_stage
 from splitserve.runtime.process import become_child, on_exit, run_loop
 from splitserve.runtime.rundir import RunDir
 from splitserve.runtime.shm import ShmAttachments, ShmPool
@@ -115,11 +115,18 @@ class CpuWorker:
         if "cv2" in sys.modules:  # numerics stay single-threaded: the cores are shared
             sys.modules["cv2"].setNumThreads(1)
 
-    def make_infer(self, service: str, deadline: float, timings: dict[str, float]):
+    def make_infer(
+        self,
+        service: str,
+        deadline: float,
+        timings: dict[str, float],
+        stages: list[Stage] | None = None,
+    ):
         """The ``infer`` callable a service's ``handle`` receives for one job."""
 
         async def infer(model: str, inputs: Mapping[str, np.ndarray]) -> Tensors:
-            return await self.call_engine(str(ModelKey(service, model)), inputs, deadline, timings)
+            key = str(ModelKey(service, model))
+            return await self.call_engine(key, inputs, deadline, timings, stages)
 
         return infer
 
@@ -129,11 +136,13 @@ class CpuWorker:
         inputs: Mapping[str, np.ndarray],
         deadline: float,
         timings: dict[str, float],
+        stages: list[Stage] | None = None,
     ) -> Tensors:
         """Run ``inputs`` through model ``key`` on the least busy engine hosting it.
 
         ``timings`` accumulates, over a job's calls, the wall time awaiting engines and
-        the engines' own queue and compute times (answered in X-Splitserve-Timings).
+        the engines' own queue and compute times (answered in X-Splitserve-Timings);
+        ``stages`` (a traced job's) gets the call's stage, the engine's within it.
         """
         started = time.monotonic()
         routes = self.routes.get(key)
@@ -144,7 +153,7 @@ class CpuWorker:
         while True:  # until an engine answers, or the deadline; an engine that dies under
             # the call gets it sent again (``crash_retries`` times: inference has no side
             # effects), to another replica or to its replacement
-            link, call = await self._send_call(key, routes, inputs, deadline)
+            link, call = await self._send_call(key, routes, inputs, deadline, stages is not None)
             try:
                 async with asyncio.timeout(deadline - time.monotonic()):
                     reply, reply_frames = await call.future
@@ -163,6 +172,8 @@ class CpuWorker:
                 call.abandon()
                 raise
             break
+        if stages is not None:
+            stages.append(call_stage(key, link.index, started, reply))
         if reply.error is not None:
             err = reply.error
             raise ServiceError(f"{key}: {err.message}", status=err.status, kind=err.kind)
@@ -186,6 +197,7 @@ class CpuWorker:
         routes: list[EngineLink],
         inputs: Mapping[str, np.ndarray],
         deadline: float,
+        traced: bool = False,
     ) -> tuple[EngineLink, EngineCall]:
         """The call sent to the least busy engine hosting ``key``; an engine that just
         died never got it, so it goes to another (or waits for one, see ``_engine_for``)."""
@@ -195,7 +207,7 @@ class CpuWorker:
             frames: list = []
             refs, segments = pack_tensors(inputs, frames, self.pool)
             call = EngineCall(next(self._ids), link, segments)
-            header = msg.encode(msg.InferRequest(call.id, key, deadline, refs))
+            header = msg.encode(msg.InferRequest(call.id, key, deadline, refs, traced))
             try:
                 link.channel.send([header, *frames])
             except chan.ChannelClosed:  # nothing reached it
@@ -286,24 +298,33 @@ class CpuWorker:
         that the front cancels, stops at its next ``await`` and answers 504 / 499."""
         started = time.monotonic()
         timings: dict[str, float] = {}
+        calls: list[Stage] | None = [] if job.traced else None
         try:
             async with asyncio.timeout(job.deadline - time.monotonic()):
-                reply = await self._invoke(job, body, timings)
+                reply = await self._invoke(job, body, timings, calls)
         except TimeoutError:
             reply = error_reply(DeadlineExceeded("the request did not finish before its deadline"))
         except asyncio.CancelledError:
             reply = error_reply(Cancelled("the front no longer waits for this request"))
         finally:
             self.jobs.pop(job.id, None)
-        timings["worker_ms"] = (time.monotonic() - started) * 1000
+        ended = time.monotonic()
+        timings["worker_ms"] = (ended - started) * 1000
         reply.timings.update(timings)
+        if calls is not None:
+            where = {"splitserve.worker": self.index, "process.pid": os.getpid()}
+            service = self.services.get(job.service)
+            stage = job_stage(service, reply, started, ended, calls, where, direct=bool(job.model))
+            reply.stages = [stage]
         self._answer(job.id, reply)
 
-    async def _invoke(self, job: msg.Job, body: bytes, timings: dict[str, float]) -> Reply:
+    async def _invoke(
+        self, job: msg.Job, body: bytes, timings: dict[str, float], calls: list[Stage] | None
+    ) -> Reply:
         service = self.services.get(job.service)
         if service is None:
             return error_reply(NotFound(f"no service named {job.service!r}"))
-        infer = self.make_infer(job.service, job.deadline, timings)
+        infer = self.make_infer(job.service, job.deadline, timings, calls)
         if job.model:
             return await invoke_model(job.model, body, infer)
         request = Request(body, job.content_type, job.headers, self.cfg.max_image_pixels)
@@ -322,7 +343,7 @@ class CpuWorker:
 
     def _answer(self, job_id: int, reply: Reply) -> None:
         header = msg.JobReply(
-            job_id, reply.status, reply.content_type, reply.timings, reply.headers
+            job_id, reply.status, reply.content_type, reply.timings, reply.headers, reply.stages
         )
         if self.front is not None:
             with contextlib.suppress(chan.ChannelClosed):
@@ -354,6 +375,17 @@ class CpuWorker:
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
         return task
+
+
+def call_stage(key: str, engine: int, started: float, reply: msg.InferReply) -> Stage:
+    """A traced engine call: from its send to its answer, the engine's stages within."""
+    attributes: dict[str, str | int | float] = {
+        "splitserve.model": key,
+        "splitserve.engine": engine,
+    }
+    if reply.error is not None:
+        attributes["error.type"] = reply.error.kind
+    return Stage("infer", started, time.monotonic(), attributes, reply.stages)
 
 
 def run_cpu_worker(

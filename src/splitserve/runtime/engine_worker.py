@@ -34,6 +34,7 @@ from splitserve.errors import (
     ServiceError,
     error_status_and_kind,
 )
+from splitserve.replies import Stage
 from splitserve.runtime import channel as chan
 from splitserve.runtime import messages as msg
 from splitserve.runtime.batcher import Batch, Batcher, PendingRequest
@@ -177,12 +178,29 @@ class ModelRunner(threading.Thread):
         infer_ms = took * 1000
         queue_ms = sum((batch.formed - r.arrived) * 1000 for r in batch.requests)
         self.counters.record(batch.size, finished - started, queue_ms)
+        for req, _, rows, _ in batch.parts:
+            if req.stages is not None:
+                self.trace(req, batch, rows, started, finished)
         for req in batch.complete(outputs):
             try:
                 self.send_outputs(req, batch.formed, infer_ms, batch.size)
             except Exception as exc:  # e.g. an output dtype the transport refuses
                 log.warning("%s: cannot send a reply: %s", self.key, exc)
                 self.send_error(req.key, EngineFault(str(exc)))
+
+    def trace(
+        self, req: PendingRequest, batch: Batch, rows: int, started: float, finished: float
+    ) -> None:
+        """A traced request's stages in this batch: its wait in the queue (before its first
+        batch), for the compute slot (CPU models), and the batch's compute."""
+        assert req.stages is not None
+        where = {"splitserve.model": self.key, "process.pid": os.getpid()}
+        if not req.stages:
+            req.stages.append(Stage("engine.queue", req.arrived, batch.formed, where))
+        if self.compute_slot is not None:
+            req.stages.append(Stage("engine.slot_wait", batch.formed, started, where))
+        sizes = {"splitserve.batch_size": batch.size, "splitserve.rows": rows}
+        req.stages.append(Stage("engine.compute", started, finished, {**where, **sizes}))
 
     def send_outputs(self, req: PendingRequest, formed: float, infer_ms: float, size: int) -> None:
         frames: list = []
@@ -195,6 +213,7 @@ class ModelRunner(threading.Thread):
             infer_ms=infer_ms,
             batch_size=size,
             simulated=self.counters.simulated,
+            stages=req.stages or [],
         )
         self.deliver(req.key, [msg.encode(header), *frames], segments)
 
@@ -380,8 +399,9 @@ class EngineProcess:
                 inputs = unpack_tensors(message.tensors, frames, self.attachments)
                 runner.engine.check_inputs(inputs)
                 inline = runner.batch_s <= INLINE_BATCH_S
+                stages = [] if message.traced else None
                 runner.batcher.submit(
-                    PendingRequest(key, inputs, message.deadline), wake=not inline
+                    PendingRequest(key, inputs, message.deadline, stages=stages), wake=not inline
                 )
                 if inline and (not runner.run_inline() or len(runner.batcher)):
                     runner.batcher.wake()

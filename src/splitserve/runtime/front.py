@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 from splitserve.config import ServerConfig
 from splitserve.errors import DeadlineExceeded, Overloaded, ProcessDied, Unavailable
+from splitserve.protocol import tracing
 from splitserve.protocol.rest import create_app, serve_app
 from splitserve.replies import Reply, error_reply
 from splitserve.runtime import channel as chan
@@ -201,7 +202,9 @@ class SplitDispatcher:
             raise Unavailable("the server is shutting down; retry elsewhere")
         arrived = time.monotonic()
         job_id = next(self._ids)
-        header = msg.encode(msg.Job(job_id, service, content_type, deadline, headers, model))
+        traced = tracing.recording()  # then the job comes back with its stages
+        job_msg = msg.Job(job_id, service, content_type, deadline, headers, model, traced)
+        header = msg.encode(job_msg)
         retries = self.cfg.crash_retries
         while True:  # until a worker answers, or the deadline; a worker that dies under
             # the job gets it resent elsewhere (``crash_retries`` times: no side effects)
@@ -226,6 +229,10 @@ class SplitDispatcher:
             break
         reply.timings["front_queue_ms"] = (job.started - arrived) * 1000
         reply.timings["front_ms"] = (time.monotonic() - arrived) * 1000
+        if traced:
+            attempts = self.cfg.crash_retries - retries + 1
+            where = {"splitserve.worker": worker.index, "splitserve.attempts": attempts}
+            tracing.record_dispatch(service, model, arrived, reply, job.started, where)
         return reply
 
     async def _hand_to_worker(
@@ -282,7 +289,14 @@ class SplitDispatcher:
                     self._finish(
                         worker,
                         reply.id,
-                        Reply(reply.status, reply.content_type, body, reply.timings, reply.headers),
+                        Reply(
+                            reply.status,
+                            reply.content_type,
+                            body,
+                            reply.timings,
+                            reply.headers,
+                            reply.stages,
+                        ),
                     )
         finally:
             del self.workers[channel]

@@ -20,9 +20,9 @@ import numpy as np
 from splitserve.engines.base import Engine, create_engine
 from splitserve.errors import DeadlineExceeded, NotFound
 from splitserve.layout import Declaration, resolve
-from splitserve.replies import Reply, error_reply
+from splitserve.replies import Reply, Stage, error_reply
 from splitserve.runtime.batcher import stack_padded
-from splitserve.runtime.invoke import invoke_model, invoke_service
+from splitserve.runtime.invoke import invoke_model, invoke_service, job_stage
 from splitserve.service import DEFAULT_MAX_IMAGE_PIXELS, Model, Request, Service, Tensors
 from splitserve.spec import ModelKey
 from splitserve.stats import EngineStats, ModelCounters, ModelStats
@@ -76,13 +76,24 @@ class InProcessService:
         engine.check_inputs(inputs)
         rows = next(iter(inputs.values())).shape[0]
         chunks = []
+        called = time.monotonic()
+        stages = getattr(self._local, "stages", None)  # a traced request's
+        computes: list[Stage] = []
         for start in range(0, rows, limit):
             chunk = {k: v[start : start + limit] for k, v in inputs.items()}
             if self.observe is not None:  # what the engine runs: batches within its limit
                 self.observe(model, chunk)
             began = time.monotonic()
             chunks.append(engine.run_batch(chunk))
-            counters.record(min(limit, rows - start), time.monotonic() - began, 0.0)
+            ended = time.monotonic()
+            size = min(limit, rows - start)
+            counters.record(size, ended - began, 0.0)
+            if stages is not None:
+                sizes = {"splitserve.batch_size": size, "splitserve.rows": size}
+                computes.append(Stage("engine.compute", began, ended, sizes))
+        if stages is not None:
+            key = {"splitserve.model": str(ModelKey(self.name, model))}
+            stages.append(Stage("infer", called, time.monotonic(), key, computes))
         if counters.simulated:
             self._local.simulated = True
         if len(chunks) == 1:
@@ -96,21 +107,31 @@ class InProcessService:
         headers: Mapping[str, str] | None = None,
         *,
         deadline: float | None = None,
+        traced: bool = False,
     ) -> Reply:
         """The service's reply to one request, computed in the calling thread.
 
         It blocks, so it must not run on a thread whose event loop is running (an async
         framework's handler): hand it to an executor there. A request whose ``deadline``
-        (time.monotonic()) passed before it started is answered 504 without running.
+        (time.monotonic()) passed before it started is answered 504 without running. A
+        ``traced`` request's reply carries its stages (``Reply.stages``).
         """
         request = Request(body, content_type, headers, self.max_image_pixels)
-        return self._run(invoke_service(self.service, request, self.infer), deadline)
+        return self._run(invoke_service(self.service, request, self.infer), deadline, traced)
 
-    def call_model(self, model: str, body: bytes, deadline: float | None = None) -> Reply:
+    def call_model(
+        self, model: str, body: bytes, deadline: float | None = None, traced: bool = False
+    ) -> Reply:
         """One engine model called directly: a tensor bundle in and out (see ``call``)."""
-        return self._run(invoke_model(model, body, self.infer), deadline)
+        return self._run(invoke_model(model, body, self.infer), deadline, traced, direct=True)
 
-    def _run(self, work: Coroutine[Any, Any, Reply], deadline: float | None) -> Reply:
+    def _run(
+        self,
+        work: Coroutine[Any, Any, Reply],
+        deadline: float | None,
+        traced: bool = False,
+        direct: bool = False,
+    ) -> Reply:
         if asyncio._get_running_loop() is not None:
             work.close()
             raise RuntimeError(
@@ -125,10 +146,20 @@ class InProcessService:
         if loop is None:
             loop = self._local.loop = asyncio.new_event_loop()
         self._local.simulated = False
-        reply = loop.run_until_complete(work)
-        reply.timings["worker_ms"] = (time.monotonic() - started) * 1000
+        calls: list[Stage] | None = [] if traced else None
+        self._local.stages = calls
+        try:
+            reply = loop.run_until_complete(work)
+        finally:
+            self._local.stages = None
+        ended = time.monotonic()
+        reply.timings["worker_ms"] = (ended - started) * 1000
         if self._local.simulated:
             reply.timings["simulated_accelerator"] = 1
+        if calls is not None:
+            where = {"thread.name": threading.current_thread().name}
+            stage = job_stage(self.service, reply, started, ended, calls, where, direct=direct)
+            reply.stages = [stage]
         return reply
 
     def model_stats(self) -> dict[str, ModelStats]:

@@ -7,9 +7,10 @@ modes run the user's code, encode results and report errors identically.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from splitserve.errors import BadRequest, ServiceError
-from splitserve.replies import Reply, error_reply, result_reply
+from splitserve.replies import Reply, Stage, error_reply, result_reply
 from splitserve.service import InferFn, Request, Service
 from splitserve.tensors import (
     BUNDLE_CONTENT_TYPE,
@@ -43,3 +44,29 @@ async def invoke_model(model: str, body: bytes, infer: InferFn) -> Reply:
         return Reply(200, BUNDLE_CONTENT_TYPE, pack_tensors_bundle(outputs))
     except Exception as exc:
         return error_reply(exc)
+
+
+def job_stage(
+    service: Service | None,
+    reply: Reply,
+    started: float,
+    ended: float,
+    calls: list[Stage],
+    attributes: dict[str, Any],
+    *,
+    direct: bool = False,
+) -> Stage:
+    """A traced job's stage: its engine calls within it and, for a service whose
+    ``handle`` is the default one (preprocess, the one model, postprocess), the
+    preprocess and postprocess stages around the call; a ``direct`` model call has none."""
+    attributes = {**attributes, "splitserve.status": reply.status}
+    if reply.status >= 500:
+        attributes["error.type"] = str(reply.status)
+    children = calls
+    default_handle = service is not None and type(service).handle is Service.handle
+    if default_handle and not direct and len(calls) == 1:
+        (call,) = calls
+        children = [Stage("preprocess", started, call.start), call]
+        if "error.type" not in call.attributes:
+            children.append(Stage("postprocess", call.end, ended))
+    return Stage("job", started, ended, attributes, children)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import msgspec
 
+from splitserve.replies import Stage
 from splitserve.stats import EngineStats
 
 
@@ -30,7 +31,8 @@ class Job(msgspec.Struct, tag="job", array_like=True):
     """One HTTP request for a service; the body is payload frame 0.
 
     With ``model`` set, the request calls that engine model of the service directly: the
-    body is a tensor bundle (splitserve.tensors) and so is the answer.
+    body is a tensor bundle (splitserve.tensors) and so is the answer. A ``traced`` job
+    is answered with its stages (``JobReply.stages``); others record none.
     """
 
     id: int
@@ -39,6 +41,7 @@ class Job(msgspec.Struct, tag="job", array_like=True):
     deadline: float  # time.monotonic() seconds (one clock for every process of a host)
     headers: dict[str, str] = {}
     model: str = ""
+    traced: bool = False
 
 
 class Cancel(msgspec.Struct, tag="cancel", array_like=True):
@@ -59,6 +62,7 @@ class JobReply(msgspec.Struct, tag="job_reply", array_like=True):
     content_type: str
     timings: dict[str, float] = {}
     headers: dict[str, str] = {}
+    stages: list[Stage] = []  # a traced job's: the job, its engine calls within it
 
 
 class WorkerHello(msgspec.Struct, tag="hello", array_like=True):
@@ -77,6 +81,7 @@ class InferRequest(msgspec.Struct, tag="infer", array_like=True):
     model: str
     deadline: float
     tensors: list[TensorRef]
+    traced: bool = False  # answer with the engine's stages (InferReply.stages)
 
 
 class CancelInfer(msgspec.Struct, tag="cancel_infer", array_like=True):
@@ -106,6 +111,7 @@ class InferReply(msgspec.Struct, tag="infer_reply", array_like=True):
     infer_ms: float = 0.0
     batch_size: int = 0
     simulated: bool = False  # the answer came from the simulated accelerator
+    stages: list[Stage] = []  # a traced request's: queue, compute (per batch it ran in)
 
 
 class EngineHello(msgspec.Struct, tag="engine_hello", array_like=True):

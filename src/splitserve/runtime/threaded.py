@@ -22,6 +22,7 @@ from pathlib import Path
 from splitserve.config import ServerConfig
 from splitserve.errors import DeadlineExceeded, Overloaded, Unavailable
 from splitserve.layout import Services
+from splitserve.protocol import tracing
 from splitserve.protocol.rest import create_app, serve_app
 from splitserve.replies import Reply
 from splitserve.runtime.inprocess import InProcessService, engine_stats
@@ -84,17 +85,24 @@ class ThreadedDispatcher:
                     f"all {self.cfg.threads} threads busy and {self.cfg.queue_size} requests queued"
                 )
             self._admitted += 1
+        arrived = time.monotonic()
+        traced = tracing.recording()
         target = self.services[service]
         if model:
-            work = functools.partial(target.call_model, model, body, deadline)
+            work = functools.partial(target.call_model, model, body, deadline, traced)
         else:
-            work = functools.partial(target.call, body, content_type, headers, deadline=deadline)
+            work = functools.partial(
+                target.call, body, content_type, headers, deadline=deadline, traced=traced
+            )
         future = asyncio.wrap_future(self.pool.submit(work))
         future.add_done_callback(self._release)
         try:
-            return await asyncio.wait_for(asyncio.shield(future), deadline - time.monotonic())
+            reply = await asyncio.wait_for(asyncio.shield(future), deadline - time.monotonic())
         except TimeoutError:
             raise DeadlineExceeded("the request did not finish before its deadline") from None
+        if traced:
+            tracing.record_dispatch(service, model, arrived, reply)
+        return reply
 
     def _release(self, _: object) -> None:
         with self._lock:
