@@ -222,26 +222,21 @@ class RequestStats:
     def __init__(self, counts: FrontStats | None = None, started: float | None = None) -> None:
         self.started = time.monotonic() if started is None else started
         self.counts = FrontStats() if counts is None else counts
-
-    @property
-    def by_status(self) -> dict[str, int]:
-        return self.counts.by_status
+        self.by_status = self.counts.by_status
+        sums = self.counts.stage_sums
+        self._stages = [(key, sums.setdefault(name, StageSum())) for key, name in STAGES.items()]
 
     def record(self, status: int, timings: dict[str, float]) -> None:
-        by_status = self.counts.by_status
         key = str(status)
-        by_status[key] = by_status.get(key, 0) + 1
-        for key_ms, name in STAGES.items():
+        self.by_status[key] = self.by_status.get(key, 0) + 1
+        for key_ms, stage in self._stages:
             value = timings.get(key_ms)
             if value is not None:
-                stage = self.counts.stage_sums.get(name)
-                if stage is None:
-                    stage = self.counts.stage_sums[name] = StageSum()
                 stage.count += 1
                 stage.sum_ms += value
 
     def _stage(self, name: str) -> dict[str, float]:
-        stage = self.counts.stage_sums.get(name, StageSum())
+        stage = self.counts.stage_sums[name]
         return {"count": stage.count, "sum": stage.sum_ms}
 
     def snapshot(self, mode: str, engines: list[EngineStats]) -> dict[str, Any]:
