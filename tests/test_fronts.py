@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -90,8 +91,12 @@ def test_two_fronts_share_the_port_and_answer_for_the_whole_server(two_fronts: S
     assert min(per_front) > 0, per_front  # the kernel spread the connections
     assert value(after, "splitserve_requests_total", status="200") == n
     assert value(after, "splitserve_restarts_total", role="front") == 0  # gRPC port shared
-    stats = httpx.get(f"{server.url}/v1/stats", headers={"Connection": "close"}).json()
-    assert stats["requests"]["by_status"]["200"] >= n  # (scrapes are not counted)
+
+    def v1_stats_count_all() -> bool:  # whichever front answers, once it has the reports
+        stats = httpx.get(f"{server.url}/v1/stats", headers={"Connection": "close"}).json()
+        return stats["requests"]["by_status"].get("200") == n  # (scrapes are not counted)
+
+    assert wait_until(v1_stats_count_all, 10)
     grpc_port = int(server.proc.args[server.proc.args.index("--grpc-port") + 1])
     with grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}") as client:
         assert client.is_server_ready()
@@ -123,17 +128,43 @@ def test_two_fronts_share_the_port_and_answer_for_the_whole_server(two_fronts: S
     for k in (0, 1):  # neither front's count went down
         front_count = value(after_kill, "splitserve_front_requests_total", front=str(k))
         assert front_count >= per_front[k]
-    # and the new front serves: many connections, all answered, both fronts counted
-    with ThreadPoolExecutor(4) as pool:
-        answers = list(pool.map(lambda i: post_anew(server, json={"values": [i]}), range(n)))
-    assert [r.status_code for r in answers] == [200] * n
-    final = totals_reach(server, "nv_inference_request_success_total", 2 * n + 20, **ECHO)
-    grown = [
-        value(final, "splitserve_front_requests_total", front=str(k))
-        - value(after_kill, "splitserve_front_requests_total", front=str(k))
-        for k in (0, 1)
-    ]
+    # and the new front serves once it is up: connections keep coming, all answered,
+    # until both fronts' counts grew (it listens once it has started: a second or two)
+    sent = n + 20
+    grown = [0, 0]
+    deadline = time.monotonic() + 30
+    while min(grown) == 0 and time.monotonic() < deadline:
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(lambda i: post_anew(server, json={"values": [i]}), range(n)))
+        assert [r.status_code for r in answers] == [200] * n
+        sent += n
+        final = totals_reach(server, "nv_inference_request_success_total", sent, **ECHO)
+        grown = [
+            value(final, "splitserve_front_requests_total", front=str(k))
+            - value(after_kill, "splitserve_front_requests_total", front=str(k))
+            for k in (0, 1)
+        ]
     assert min(grown) > 0, grown
+
+
+def send_raw(server: Server, doc: bytes) -> socket.socket:
+    """A request written on a connection of its own, its answer left to read."""
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+    head = (
+        "POST /v1/services/echo HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        "Content-Type: application/json\r\nConnection: close\r\n"
+        f"Content-Length: {len(doc)}\r\n\r\n"
+    )
+    sock.sendall(head.encode() + doc)
+    return sock
+
+
+def status_of(sock: socket.socket) -> int:
+    data = b""
+    with sock:
+        while chunk := sock.recv(65536):
+            data += chunk
+    return int(data.split(b" ", 2)[1]) if data else 0
 
 
 def test_sigterm_drains_every_front() -> None:
@@ -141,15 +172,12 @@ def test_sigterm_drains_every_front() -> None:
     fronts = fronts_of(server)
     assert len(fronts) == 2
     try:
-        with ThreadPoolExecutor(10) as pool:
-            slow = [
-                pool.submit(post_anew, server, json={"values": [i], "sleep_ms": 200})
-                for i in range(10)
-            ]
-            time.sleep(0.5)  # admitted (the workers hold them, or the fronts' queues)
-            server.proc.send_signal(signal.SIGTERM)
-            answers = [f.result() for f in slow]
-        assert [r.status_code for r in answers] == [200] * 10
+        # sent before the signal, on 10 connections (spread over both fronts, all but
+        # surely): every one is answered
+        slow = [send_raw(server, b'{"values": [1], "sleep_ms": 200}') for _ in range(10)]
+        time.sleep(0.5)  # read and admitted by their fronts (the workers take ~1 s)
+        server.proc.send_signal(signal.SIGTERM)
+        assert [status_of(sock) for sock in slow] == [200] * 10
         assert server.proc.wait(30) == 0
         log = server.log()
         for k in (0, 1):
