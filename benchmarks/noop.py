@@ -23,7 +23,11 @@ All servers are started first (127.0.0.1, free ports) and measured in interleave
 rounds, so that the machine's noise hits every configuration alike; the numbers quoted
 are medians over the rounds. The servers are stopped by pid (SIGINT) at the end.
 
-Run: ``python benchmarks/noop.py [--quick] [--json PATH]``.
+``--fronts 1 2`` measures every split configuration once per number of fronts
+(``split-2w-1f``, ``split-2w-2f``: ``--fronts`` processes sharing the port), side by side
+with the rest; without it the servers choose (``--fronts auto``).
+
+Run: ``python benchmarks/noop.py [--quick] [--fronts N ...] [--json PATH]``.
 """
 
 from __future__ import annotations
@@ -66,6 +70,9 @@ CONFIGS: dict[str, list[str]] = {
 }
 CONCURRENCY = (1, 4, 16, 64)
 FLOOR_P50_MS = 1.0
+# Split against threaded, side by side: max throughput at least threaded's, and p50 at
+# concurrency 1 at most this many times threaded's.
+FLOOR_P50_VS_THREADED = 1.5
 MAX_REQUESTS = 200_000  # per measured point (each point is also bounded in time)
 HOPS = (
     "latency",
@@ -80,6 +87,19 @@ HOPS = (
     "engine_queue_ms",
     "engine_compute_ms",
 )
+
+
+def server_configs(names: list[str], fronts: list[str] | None) -> dict[str, list[str]]:
+    """The servers to measure, by name: each of ``names``; a split one once per number
+    of ``fronts`` when given (named ``<config>-<N>f``)."""
+    servers: dict[str, list[str]] = {}
+    for name in names:
+        if not fronts or not name.startswith("split"):
+            servers[name] = CONFIGS[name]
+            continue
+        for n in fronts:
+            servers[f"{name}-{n}f"] = [*CONFIGS[name], "--fronts", n]
+    return servers
 
 
 def hop_values(latency: float, t: dict[str, float]) -> dict[str, float]:
@@ -149,7 +169,7 @@ _ROLES = {"splitserve-fron": "front", "splitserve-cpu-": "worker", "splitserve-e
 def server_cpu(pid: int) -> dict[str, float]:
     """CPU seconds per process of a server (the supervisor and its direct children).
 
-    Keys: ``main`` (the supervisor, or the whole threaded-mode server), ``front``,
+    Keys: ``main`` (the supervisor, or the whole threaded-mode server), ``front1``...,
     ``worker1``..., ``engine1``..., ``other`` (multiprocessing's resource tracker).
     """
     out: dict[str, float] = {}
@@ -159,7 +179,7 @@ def server_cpu(pid: int) -> dict[str, float]:
         if got is not None:
             role = _ROLES.get(got[0], "other")
             counts[role] = counts.get(role, 0) + 1
-            label = f"{role}{counts[role]}" if role in ("worker", "engine") else role
+            label = f"{role}{counts[role]}" if role != "other" else role
             out[label] = out.get(label, 0.0) + got[1]
     got = _proc_cpu(pid)
     if got is not None:
@@ -281,12 +301,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.raw_client:
         plan.append(("raw", 1))
     servers: dict[str, tuple[int, Any]] = {}
-    points = [Point(cfg, client, c) for cfg in args.configs for client, c in plan]
+    names = list(args.servers)
+    points = [Point(cfg, client, c) for cfg in names for client, c in plan]
     try:
-        for cfg in args.configs:
+        for cfg in names:
             port = free_port()
             started = time.monotonic()
-            proc = start_server(CONFIGS[cfg], port)
+            proc = start_server(args.servers[cfg], port)
             servers[cfg] = (port, proc)
             check_answer(port)
             print(
@@ -296,7 +317,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             )
         for r in range(args.rounds):
             # Rotate the configurations' order each round (side by side, no fixed first).
-            order = args.configs[r % len(args.configs) :] + args.configs[: r % len(args.configs)]
+            order = names[r % len(names) :] + names[: r % len(names)]
             for cfg in order:
                 port, proc = servers[cfg]
                 for point in points:
@@ -305,7 +326,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     row = measure(cfg, port, proc.pid, point.client, point.concurrency, args)
                     point.results.append(row)
                     print(
-                        f"  round {r + 1}/{args.rounds} {cfg:<9} {point.client:<7} "
+                        f"  round {r + 1}/{args.rounds} {cfg:<12} {point.client:<7} "
                         f"c={point.concurrency:<3} {row['rps']:8.0f} req/s  "
                         f"p50 {row['p50_ms']:6.3f} ms  p99 {row['p99_ms']:7.3f} ms  "
                         f"errors {row['errors'] or 0}",
@@ -334,11 +355,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             (row for row in summary if row["config"] == cfg and row["client"] == "aiohttp"),
             key=lambda row: row["rps"],
         )
-        for cfg in args.configs
+        for cfg in names
     }
     return {
         "summary": summary,
         "floors": floors,
+        "versus_threaded": versus_threaded(summary, throughput),
         "max_rps": {
             cfg: {"rps": row["rps"], "concurrency": row["concurrency"]}
             for cfg, row in throughput.items()
@@ -355,6 +377,34 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def versus_threaded(
+    summary: list[dict[str, Any]], throughput: dict[str, dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Each split configuration against threaded mode (when both ran): the floors."""
+    if "threaded" not in throughput:
+        return []
+
+    def p50_c1(cfg: str) -> float:
+        rows = [r for r in summary if r["config"] == cfg and r["client"] == "aiohttp"]
+        return next((r["p50_ms"] for r in rows if r["concurrency"] == 1), math.nan)
+
+    out = []
+    for cfg, row in throughput.items():
+        if cfg == "threaded":
+            continue
+        rps_ratio = row["rps"] / throughput["threaded"]["rps"]
+        p50_ratio = p50_c1(cfg) / p50_c1("threaded")
+        out.append(
+            {
+                "config": cfg,
+                "max_rps_ratio": rps_ratio,
+                "p50_c1_ratio": p50_ratio,
+                "pass": rps_ratio >= 1 and p50_ratio <= FLOOR_P50_VS_THREADED,
+            }
+        )
+    return out
+
+
 def _fmt(value: float | None, width: int = 7, digits: int = 3) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return f"{'-':>{width}}"
@@ -365,7 +415,7 @@ def print_report(results: dict[str, Any]) -> None:
     summary = results["summary"]
     print("\nRound trip at concurrency 1 (ms; medians over rounds)")
     print(
-        f"{'config':<10} {'client':<8} {'p50':>7} {'p90':>7} {'p99':>7} {'p50 range':>15} "
+        f"{'config':<12} {'client':<8} {'p50':>7} {'p90':>7} {'p99':>7} {'p50 range':>15} "
         f"{'req/s':>7} {'client CPU/req':>15}"
     )
     for row in summary:
@@ -373,13 +423,13 @@ def print_report(results: dict[str, Any]) -> None:
             continue
         p50_range = f"{row['p50_ms_min']:.3f}-{row['p50_ms_max']:.3f}"
         print(
-            f"{row['config']:<10} {row['client']:<8} {_fmt(row['p50_ms'])} "
+            f"{row['config']:<12} {row['client']:<8} {_fmt(row['p50_ms'])} "
             f"{_fmt(row['p90_ms'])} {_fmt(row['p99_ms'])} {p50_range:>15} "
             f"{row['rps']:>7.0f} {_fmt(row['client_cpu_ms_per_req'], 12)} ms"
         )
     print("\nThroughput (aiohttp client; req/s median [min-max] over rounds; latency ms)")
     print(
-        f"{'config':<10} {'conc':>4} {'req/s':>7} {'range':>13} {'p50':>7} {'p90':>7} "
+        f"{'config':<12} {'conc':>4} {'req/s':>7} {'range':>13} {'p50':>7} {'p90':>7} "
         f"{'p99':>7} {'max':>8} {'errors':>8}"
     )
     for row in summary:
@@ -388,7 +438,7 @@ def print_report(results: dict[str, Any]) -> None:
         rng = f"{row['rps_min']:.0f}-{row['rps_max']:.0f}"
         errors = sum(row["errors"].values())
         print(
-            f"{row['config']:<10} {row['concurrency']:>4} {row['rps']:>7.0f} {rng:>13} "
+            f"{row['config']:<12} {row['concurrency']:>4} {row['rps']:>7.0f} {rng:>13} "
             f"{_fmt(row['p50_ms'])} {_fmt(row['p90_ms'])} {_fmt(row['p99_ms'])} "
             f"{_fmt(row['max_ms'], 8)} {errors:>8}"
         )
@@ -407,13 +457,13 @@ def print_report(results: dict[str, Any]) -> None:
         "engine_compute_ms": "e.comp",
     }
     print(
-        f"{'config':<10} {'client':<8} {'conc':>4} "
+        f"{'config':<12} {'client':<8} {'conc':>4} "
         + " ".join(f"{v:>7}" for v in short.values())
         + f" {'rows':>5}"
     )
     for row in summary:
         print(
-            f"{row['config']:<10} {row['client']:<8} {row['concurrency']:>4} "
+            f"{row['config']:<12} {row['client']:<8} {row['concurrency']:>4} "
             + " ".join(_fmt(row["hops_ms"].get(k)) for k in short)
             + f" {_fmt(row['engine_batch_rows'], 5, 1)}"
         )
@@ -431,7 +481,7 @@ def print_report(results: dict[str, Any]) -> None:
         total = sum(v for v in cpu.values() if not math.isnan(v))
         client = row["client_cpu_ms_per_req"] * 1000
         print(
-            f"{row['config']:<10} c={row['concurrency']:<3} server={total:>4.0f}  {parts}  "
+            f"{row['config']:<12} c={row['concurrency']:<3} server={total:>4.0f}  {parts}  "
             f"(client={client:.0f})"
         )
     print(
@@ -441,6 +491,13 @@ def print_report(results: dict[str, Any]) -> None:
             for cfg, v in results["max_rps"].items()
         )
     )
+    for floor in results["versus_threaded"]:
+        verdict = "PASS" if floor["pass"] else "FAIL"
+        print(
+            f"Floor: {floor['config']} / threaded: max req/s x{floor['max_rps_ratio']:.2f} "
+            f"(>= 1), p50 at c=1 x{floor['p50_c1_ratio']:.2f} (<= {FLOOR_P50_VS_THREADED}): "
+            f"{verdict}"
+        )
     for floor in results["floors"]:
         verdict = "PASS" if floor["pass"] else "FAIL"
         print(
@@ -468,8 +525,15 @@ def main(argv: list[str] | None = None) -> int:
         action="store_false",
         help="skip the concurrency-1 point with the raw client",
     )
+    parser.add_argument(
+        "--fronts",
+        nargs="+",
+        metavar="N",
+        help="run each split configuration with each of these --fronts (e.g. 1 2)",
+    )
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
+    args.servers = server_configs(args.configs, args.fronts)
     if args.quick:
         args.rounds, args.duration, args.warmup = 1, 0.5, 0.2
         args.concurrency = [1, 16]
@@ -483,7 +547,7 @@ def main(argv: list[str] | None = None) -> int:
         "duration_s": args.duration,
         "warmup_s": args.warmup,
         "concurrency": args.concurrency,
-        "configs": {cfg: CONFIGS[cfg] for cfg in args.configs},
+        "configs": args.servers,
         "body_bytes": len(BODY),
         "loadavg_at_start": load_before,
         "wall_s": time.monotonic() - started,

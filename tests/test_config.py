@@ -53,12 +53,27 @@ def test_flags_override_the_file_which_overrides_the_defaults(tmp_path: Path) ->
     assert echo.model.max_batch_size == 2 and echo.model.max_delay_ms == 20  # the rest stays
 
 
+def test_fronts_is_a_number_or_auto_and_at_most_a_workers_slots(tmp_path: Path) -> None:
+    assert parse("tests.services:Echo").fronts == "auto"
+    assert parse("tests.services:Echo", "--fronts", "3").fronts == 3
+    path = tmp_path / "splitserve.toml"
+    path.write_text('services = ["tests.services:Echo"]\nfronts = 2\n')
+    assert parse("--config", str(path)).fronts == 2
+    assert parse("--config", str(path), "--fronts", "auto").fronts == "auto"
+    assert ServerConfig(fronts="auto").front_count == 1  # unresolved: the cautious one
+    for bad, message in (("0", ">= 1"), ("two", "number or 'auto'"), ("5", "<= worker_conc")):
+        with pytest.raises(ValueError, match=message):
+            parse("tests.services:Echo", "--fronts", bad)
+    assert parse("tests.services:Echo", "--fronts", "5", "--worker-concurrency", "8").fronts == 5
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
         ("cpu_wokers = 2\n", "unknown settings \\['cpu_wokers'\\]"),
         ('cpu_workers = "2"\n', "cpu_workers must be int"),
         ("cpu_workers = 0\n", "cpu_workers must be >= 1"),
+        ("fronts = 1.5\n", "fronts must be int or str"),
         ('[models."echo/model"]\nmax_batch = 2\n', "unknown settings \\['max_batch'\\]"),
         ('[models."echo/model"]\nmax_batch_size = 0\n', "max_batch_size must be >= 1"),
         ('[models."echo/other"]\nreplicas = 2\n', "sets models \\['echo/other'\\]"),

@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import splitserve
-from splitserve.layout import MAX_CPU_REPLICAS, default_layout, on_accelerator
+from splitserve.layout import (
+    MAX_CPU_REPLICAS,
+    MAX_FRONTS,
+    default_fronts,
+    default_layout,
+    on_accelerator,
+)
 
 CPU_MODEL = splitserve.Model("m.onnx")
 SIMULATED = splitserve.Model(backend="simulated", options={"latency_ms": [1, 1]})
@@ -27,3 +33,14 @@ def test_declared_replicas_and_flags_win() -> None:
     two = splitserve.Model("m.onnx", replicas=2)
     assert default_layout({"s/a": CPU_MODEL, "s/b": two}, cores=4).engine_replicas is None
     assert default_layout({"s/m": CPU_MODEL}, cores=4, cpu_workers=3).cpu_workers == 3
+
+
+def test_more_fronts_only_for_accelerator_models_on_many_cores() -> None:
+    assert default_fronts({"s/m": CPU_MODEL}, cores=64) == 1  # the engines take the cores
+    assert default_fronts({"s/m": SIMULATED}, cores=2) == 1
+    assert default_fronts({"s/m": SIMULATED}, cores=8) == 1
+    assert default_fronts({"s/m": SIMULATED}, cores=16) == 2
+    assert default_fronts({"s/m": SIMULATED, "s/n": CPU_MODEL}, cores=16) == 1
+    assert default_fronts({"s/m": SIMULATED}, cores=128) == MAX_FRONTS
+    assert default_fronts({"s/m": SIMULATED}, cores=128, worker_concurrency=1) == 1
+    assert default_fronts({}, cores=32) == MAX_FRONTS  # no model: the work is the workers'

@@ -80,6 +80,13 @@ class ServerConfig:
         "running it dies, within its deadline (split; 0: answer 503 at once). A request "
         "that kills every process it reaches costs 1 + this many crashes",
     )
+    fronts: int | str = _setting(
+        "auto",
+        "front processes sharing the HTTP (and gRPC) port with SO_REUSEPORT (split); each "
+        "gets a share of every CPU worker's --worker-concurrency, so at most that many; "
+        "auto: more than 1 only for accelerator models on many cores (docs/benchmarks.md)",
+        metavar="N|auto",
+    )
     threads: int = _setting(8, "request threads (threaded)")
     queue_size: int = _setting(256, "requests waiting for a free worker (or thread) before 503")
     request_timeout_s: float = _setting(30.0, "seconds (504 after)", flag="--request-timeout")
@@ -126,6 +133,13 @@ class ServerConfig:
             raise ValueError("cpu_workers must be >= 1")
         if self.engine_replicas is not None and self.engine_replicas < 1:
             raise ValueError("engine_replicas must be >= 1")
+        self.fronts = _fronts(self.fronts)
+        if self.fronts != "auto" and self.fronts > self.worker_concurrency:
+            raise ValueError(
+                f"fronts ({self.fronts}) must be <= worker_concurrency "
+                f"({self.worker_concurrency}): each front gets a share of every CPU "
+                "worker's slots"
+            )
         for key, overrides in self.models.items():
             if not isinstance(overrides, Mapping):
                 raise ValueError(f"models.{key!r} must be a table of settings")
@@ -137,6 +151,12 @@ class ServerConfig:
                 )
             for name, value in overrides.items():
                 _check_type(f"models.{key!r}.{name}", value, MODEL_OVERRIDES[name])
+
+    @property
+    def front_count(self) -> int:
+        """``fronts`` as a number: "auto" is resolved by ``layout.with_default_layout``
+        before a server starts; unresolved, it is the one front of the cautious default."""
+        return self.fronts if isinstance(self.fronts, int) else 1
 
     def threads_per_engine(self, engine_count: int) -> int:
         """Intra-op threads of each engine process: set, or the cores shared among them."""
@@ -162,10 +182,22 @@ class ServerConfig:
         return cls(**{**values, **overrides})
 
 
+def _fronts(value: int | str) -> int | str:
+    """``fronts`` as given (a flag is a string): "auto", or a number >= 1."""
+    if isinstance(value, str) and value != "auto":
+        if not value.strip().isdigit():
+            raise ValueError(f"fronts must be a number or 'auto', got {value!r}")
+        value = int(value)
+    if isinstance(value, int) and value < 1:
+        raise ValueError("fronts must be >= 1")
+    return value
+
+
 def _field_type(f: dataclasses.Field) -> type | tuple[type, ...]:
     kinds = {
         "str": str,
         "int": int,
+        "int | str": (int, str),
         "float": (int, float),
         "int | None": int,
         "list[str]": list,

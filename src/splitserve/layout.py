@@ -213,11 +213,47 @@ def default_layout(
     return Defaults(cpu_workers or workers, replicas)
 
 
+# Fronts (``--fronts auto``). A front spends ~FRONT_CPU_MS of its core per request on
+# HTTP, routing and the two messages to and from a worker (no-op service: ~40% of the
+# split server's 0.38-0.40 ms per request, docs/benchmarks.md), so one front serves at
+# most ~1000 / FRONT_CPU_MS requests/s. It is the bottleneck only when the rest of the
+# server is faster than that:
+# - models on the host's cores: the engines take the cores and inference costs far
+#   more per request than the front (OCR: ~650 ms of core time per page); a second
+#   front would only take a core from them: one front;
+# - every model on an accelerator (or no model): the CPU workers, a core each, do the
+#   CPU work. W workers outrun one front when a request costs a worker less than
+#   W x FRONT_CPU_MS: with a front per CORES_PER_FRONT cores (W ~ 8), services under
+#   ~1.5 ms of Python per request, where decoding and resizing one image already costs
+#   more. So a front per CORES_PER_FRONT cores, at least 1 and at most MAX_FRONTS: the
+#   next ceiling is the one engine process of such a layout, whose event loop spends
+#   about 2/3 of a front's time per request (no-op), so a third front would wait on it.
+#   Never more than a worker's slots either (each front gets a share of them).
+# On the 2-core test machine that is always 1. A lighter service, or one with several
+# engine replicas, sets ``--fronts``; ``benchmarks/noop.py --fronts 1 2`` measures it.
+FRONT_CPU_MS = 0.2
+CORES_PER_FRONT = 8
+MAX_FRONTS = 2
+
+
+def default_fronts(
+    models: Mapping[str, Model], cores: int | None = None, worker_concurrency: int = 4
+) -> int:
+    """How many fronts share the port for ``models`` on ``cores`` cores (see above)."""
+    cores = max(1, cores or os.cpu_count() or 1)
+    if any(not on_accelerator(m) for m in models.values()):
+        return 1
+    return max(1, min(cores // CORES_PER_FRONT, MAX_FRONTS, worker_concurrency))
+
+
 def with_default_layout(cfg: ServerConfig, services: Services) -> ServerConfig:
-    """``cfg`` with the CPU workers and engine replicas it leaves open filled in."""
+    """``cfg`` with the CPU workers, engine replicas and fronts it leaves open filled in."""
+    models = {key: d.model for key, d in services.models.items()}
+    if cfg.fronts == "auto":
+        fronts = default_fronts(models, worker_concurrency=cfg.worker_concurrency)
+        cfg = dataclasses.replace(cfg, fronts=fronts)
     if cfg.cpu_workers is not None and cfg.engine_replicas is not None:
         return cfg
-    models = {key: d.model for key, d in services.models.items()}
     defaults = default_layout(models, cpu_workers=cfg.cpu_workers)
     return dataclasses.replace(
         cfg,

@@ -1,18 +1,21 @@
 """Counters behind ``GET /v1/stats``.
 
-All counters are cumulative since the process started, so a client takes two snapshots
+All counters are cumulative since the server started, so a client takes two snapshots
 and subtracts (busy fraction = delta busy_s / delta wall time). Engines count per model
 and report to the supervisor once a second over the control plane (``EngineStats``);
-the front counts requests and per-stage times from the timings every reply carries.
-Engines, the front and threaded mode all use this module, so it belongs to none of them.
+each front counts requests, per model and per stage, from the timings every reply
+carries (``FrontStats``), and reports them the same way, so that any front can answer
+for the whole server. Engines, fronts, the supervisor and threaded mode all use this
+module, so it belongs to none of them.
 """
 
 from __future__ import annotations
 
+import bisect
 import threading
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import msgspec
@@ -111,22 +114,130 @@ def _tensor_info(spec: Any) -> TensorInfo:
     return TensorInfo(spec.name, str(spec.dtype), shape)
 
 
-class RequestStats:
-    """The front's counters: answers by status and the summed time of each stage."""
+# Upper bounds (ms) of the stage-time histograms.
+STAGE_BUCKETS_MS = (0.25, 0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
 
-    def __init__(self) -> None:
-        self.started = time.monotonic()
-        self.by_status: Counter[str] = Counter()
-        self.stages = {name: [0, 0.0] for name in STAGES.values()}
+
+class Histogram(msgspec.Struct, array_like=True):
+    counts: list[int] = msgspec.field(default_factory=lambda: [0] * (len(STAGE_BUCKETS_MS) + 1))
+    total: float = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(STAGE_BUCKETS_MS, value)] += 1
+        self.total += value
+
+    def add(self, other: Histogram) -> None:
+        self.counts = [a + b for a, b in zip(self.counts, other.counts, strict=True)]
+        self.total += other.total
+
+
+class ModelRequests(msgspec.Struct, array_like=True):
+    """One model's answered requests, as a front saw them."""
+
+    success: int = 0
+    success_ns: int = 0
+    failures: dict[str, int] = {}  # by reason (protocol/metrics.py:failure_reason)
+    fail_ns: int = 0
+    queue_ns: int = 0
+    compute_ns: int = 0
+    inference_count: int = 0  # rows (engine models) or request elements (services)
+    execution_count: int = 0
+    pending: int = 0
+    last_inference_ms: int = 0
+
+    def add(self, other: ModelRequests) -> None:
+        for name in _SUMMED:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        _add_counts(self.failures, other.failures)
+        self.last_inference_ms = max(self.last_inference_ms, other.last_inference_ms)
+
+
+_SUMMED = (
+    "success",
+    "success_ns",
+    "fail_ns",
+    "queue_ns",
+    "compute_ns",
+    "inference_count",
+    "execution_count",
+    "pending",
+)
+
+
+class StageSum(msgspec.Struct, array_like=True):
+    count: int = 0
+    sum_ms: float = 0.0
+
+
+class FrontStats(msgspec.Struct, tag="front_stats", array_like=True):
+    """Everything one front counts, cumulative since it started: answers by status and
+    the summed time of each stage (``/v1/stats``), and per model and per-stage
+    histograms (v2 statistics, ``/metrics``). A front sends it to the supervisor every
+    second; the supervisor broadcasts every front's latest (``ServerState``) and keeps
+    the last of each front that died (``pid`` 0), so sums over fronts never go down."""
+
+    index: int = 0
+    pid: int = 0
+    by_status: dict[str, int] = {}
+    stage_sums: dict[str, StageSum] = {}
+    models: dict[str, ModelRequests] = {}
+    stages: dict[str, Histogram] = {}
+
+    @property
+    def answered(self) -> int:
+        return sum(self.by_status.values())
+
+    def add(self, other: FrontStats) -> None:
+        """Count ``other``'s requests in too (the index and pid stay this one's)."""
+        _add_counts(self.by_status, other.by_status)
+        for name, theirs in other.stage_sums.items():
+            mine = self.stage_sums.setdefault(name, StageSum())
+            mine.count += theirs.count
+            mine.sum_ms += theirs.sum_ms
+        for key, requests in other.models.items():
+            self.models.setdefault(key, ModelRequests()).add(requests)
+        for name, hist in other.stages.items():
+            self.stages.setdefault(name, Histogram()).add(hist)
+
+
+def _add_counts(into: dict[str, int], other: dict[str, int]) -> None:
+    for key, n in other.items():
+        into[key] = into.get(key, 0) + n
+
+
+def summed(parts: Iterable[FrontStats], index: int = 0, pid: int = 0) -> FrontStats:
+    """The counts of several fronts as one (new: the parts are left as they are)."""
+    total = FrontStats(index, pid)
+    for part in parts:
+        total.add(part)
+    return total
+
+
+class RequestStats:
+    """The front's counters: answers by status and the summed time of each stage.
+
+    ``counts`` is where they live (shared with the front's per-model counters, so the
+    front reports one ``FrontStats``)."""
+
+    def __init__(self, counts: FrontStats | None = None, started: float | None = None) -> None:
+        self.started = time.monotonic() if started is None else started
+        self.counts = FrontStats() if counts is None else counts
+        self.by_status = self.counts.by_status
+        sums = self.counts.stage_sums
+        self._stages = [(key, sums.setdefault(name, StageSum())) for key, name in STAGES.items()]
 
     def record(self, status: int, timings: dict[str, float]) -> None:
-        self.by_status[str(status)] += 1
-        for key, name in STAGES.items():
-            value = timings.get(key)
+        key = str(status)
+        self.by_status[key] = self.by_status.get(key, 0) + 1
+        for key_ms, stage in self._stages:
+            value = timings.get(key_ms)
             if value is not None:
-                stage = self.stages[name]
-                stage[0] += 1
-                stage[1] += value
+                stage.count += 1
+                stage.sum_ms += value
+
+    def _stage(self, name: str) -> dict[str, float]:
+        stage = self.counts.stage_sums[name]
+        return {"count": stage.count, "sum": stage.sum_ms}
 
     def snapshot(self, mode: str, engines: list[EngineStats]) -> dict[str, Any]:
         models: dict[str, Any] = {}
@@ -154,7 +265,7 @@ class RequestStats:
             "mode": mode,
             "uptime_s": time.monotonic() - self.started,
             "requests": {"total": sum(self.by_status.values()), "by_status": dict(self.by_status)},
-            "stages_ms": {n: {"count": c, "sum": s} for n, (c, s) in self.stages.items()},
+            "stages_ms": {name: self._stage(name) for name in STAGES.values()},
             "models": models,
             "engines": {
                 str(e.index): {"busy_s": e.busy_s, "uptime_s": e.uptime_s} for e in engines

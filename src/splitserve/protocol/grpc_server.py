@@ -29,7 +29,7 @@ from splitserve.config import ServerConfig
 from splitserve.errors import BadRequest, ServiceError, Unauthorized, error_status_and_kind
 from splitserve.protocol import datatypes, tracing
 from splitserve.protocol.grpc_v2 import inference_pb2 as pb
-from splitserve.protocol.metrics import InferenceStats, model_statistics
+from splitserve.protocol.metrics import FrontCounters, model_statistics
 from splitserve.protocol.models import (
     VERSION,
     ModelEntry,
@@ -128,14 +128,14 @@ class InferenceServicer:
         dispatcher: Any,
         cfg: ServerConfig,
         catalogue: dict[str, dict[str, Any]],
-        stats: InferenceStats,
-        request_stats: Any,
+        counters: FrontCounters,
     ) -> None:
         self.dispatcher = dispatcher
         self.cfg = cfg
         self.registry = ModelRegistry(dispatcher, catalogue)
-        self.stats = stats
-        self.request_stats = request_stats
+        self.counters = counters
+        self.stats = counters.models
+        self.request_stats = counters.requests
 
     async def _entry(self, name: str, version: str, context: Any) -> ModelEntry:
         try:
@@ -219,9 +219,9 @@ class InferenceServicer:
         else:
             await self._authorised(context)
             entries = list(self.registry.entries().values())
-        engines = self.dispatcher.engine_stats()
+        totals, engines = self.counters.totals().models, self.dispatcher.engine_stats()
         docs = [
-            model_statistics(e.name, e.stats_key, bool(e.engine_model), self.stats, engines)
+            model_statistics(e.name, e.stats_key, bool(e.engine_model), totals, engines)
             for e in entries
         ]
         return pb.ModelStatisticsResponse(model_stats=[pb.ModelStatistics(**d) for d in docs])
@@ -312,8 +312,7 @@ def with_grpc(
     dispatcher: Any,
     cfg: ServerConfig,
     catalogue: dict[str, dict[str, Any]],
-    stats: InferenceStats,
-    request_stats: Any,
+    counters: FrontCounters,
 ) -> Any:
     """``lifespan`` wrapped to run the gRPC server beside HTTP (unchanged when it is off)."""
     if not cfg.grpc_port:
@@ -328,9 +327,11 @@ def with_grpc(
                 options=[
                     ("grpc.max_receive_message_length", limit),
                     ("grpc.max_send_message_length", limit),
+                    # gRPC's Linux default, stated: split mode's fronts share this port
+                    ("grpc.so_reuseport", 1),
                 ]
             )
-            servicer = InferenceServicer(dispatcher, cfg, catalogue, stats, request_stats)
+            servicer = InferenceServicer(dispatcher, cfg, catalogue, counters)
             server.add_generic_rpc_handlers((servicer.handler(),))
             server.add_insecure_port(f"{cfg.host}:{cfg.grpc_port}")
             await server.start()

@@ -15,17 +15,20 @@ a GPU and ``pynvml`` exist.
 
 from __future__ import annotations
 
-import bisect
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from typing import Any
 
-from splitserve.stats import STAGES, EngineStats
-
-# Upper bounds (ms) of the stage-time histograms.
-STAGE_BUCKETS_MS = (0.25, 0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
+from splitserve.stats import (
+    STAGE_BUCKETS_MS,
+    STAGES,
+    EngineStats,
+    FrontStats,
+    Histogram,
+    ModelRequests,
+    RequestStats,
+)
 
 
 def failure_reason(status: int) -> str:
@@ -41,38 +44,16 @@ def failure_reason(status: int) -> str:
     return "OTHER"  # the request was wrong (4xx)
 
 
-@dataclass
-class ModelRequests:
-    """One model's answered requests, as the front saw them."""
-
-    success: int = 0
-    success_ns: int = 0
-    failures: Counter[str] = field(default_factory=Counter)
-    fail_ns: int = 0
-    queue_ns: int = 0
-    compute_ns: int = 0
-    inference_count: int = 0  # rows (engine models) or request elements (services)
-    execution_count: int = 0
-    pending: int = 0
-    last_inference_ms: int = 0
-
-
-@dataclass
-class Histogram:
-    counts: list[int] = field(default_factory=lambda: [0] * (len(STAGE_BUCKETS_MS) + 1))
-    total: float = 0.0
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(STAGE_BUCKETS_MS, value)] += 1
-        self.total += value
-
-
 class InferenceStats:
-    """The front's per-model counters; used from its one event loop only."""
+    """A front's per-model counters; used from its one event loop only. They live in
+    ``counts`` (shared with the front's ``RequestStats``: see ``FrontCounters``)."""
 
-    def __init__(self) -> None:
-        self.models: dict[str, ModelRequests] = {}
-        self.stages = {name: Histogram() for name in STAGES.values()}
+    def __init__(self, counts: FrontStats | None = None) -> None:
+        self.counts = FrontStats() if counts is None else counts
+        self.models = self.counts.models
+        self.stages = self.counts.stages
+        for stage in STAGES.values():
+            self.stages.setdefault(stage, Histogram())
 
     def model(self, key: str) -> ModelRequests:
         counters = self.models.get(key)
@@ -102,7 +83,8 @@ class InferenceStats:
             counters.execution_count += 1
             counters.last_inference_ms = int(time.time() * 1000)
         else:
-            counters.failures[failure_reason(status)] += 1
+            reason = failure_reason(status)
+            counters.failures[reason] = counters.failures.get(reason, 0) + 1
             counters.fail_ns += elapsed_ns
         queue_ms = timings.get("front_queue_ms", 0.0) + timings.get("engine_queue_ms", 0.0)
         counters.queue_ns += int(queue_ms * 1e6)
@@ -111,6 +93,51 @@ class InferenceStats:
             value = timings.get(key_ms)
             if value is not None:
                 self.stages[stage].observe(value)
+
+
+class FrontCounters:
+    """Everything a front counts, in one ``FrontStats``: ``requests`` (answers by status
+    and stage, for ``/v1/stats``) and ``models`` (per model, for v2 statistics and
+    ``/metrics``). ``peers`` gives the latest counts of the server's other fronts (split
+    mode: from the supervisor's state; nothing in threaded mode); every read goes
+    through ``totals``, so whichever front a client reaches answers for the server.
+    ``started``: when the server started (``/v1/stats`` uptime), not this front."""
+
+    def __init__(
+        self,
+        index: int = 0,
+        peers: Callable[[], list[FrontStats]] = list,
+        started: float | None = None,
+    ) -> None:
+        self.counts = FrontStats(index)
+        self.parts = [self.counts]  # whose counts these are (totals: every front's)
+        self.requests = RequestStats(self.counts, started)
+        self.models = InferenceStats(self.counts)
+        self.peers = peers
+
+    def report(self, pid: int) -> FrontStats:
+        """What this front sends the supervisor (its live counts, encoded at once)."""
+        self.counts.pid = pid
+        return self.counts
+
+    def totals(self) -> FrontCounters:
+        """The whole server's counts: this front's and the other fronts' latest (a new
+        object, to read only, when there are others)."""
+        peers = self.peers()
+        if not peers:
+            return self
+        total = FrontCounters(self.counts.index, started=self.requests.started)
+        total.parts = [self.counts, *peers]
+        for part in total.parts:
+            total.counts.add(part)
+        return total
+
+    def by_front(self) -> dict[int, int]:
+        """Requests answered by each front (its earlier runs included)."""
+        answered: dict[int, int] = {}
+        for part in self.parts:
+            answered[part.index] = answered.get(part.index, 0) + part.answered
+        return answered
 
 
 def model_statistics(
@@ -232,12 +259,11 @@ BATCH_BOUNDS = (*(float(2**i) for i in range(11)), float("inf"))  # batch sizes 
 
 
 def render_metrics(
-    stats: InferenceStats,
-    request_stats: Any,
-    dispatcher: Any,
-    model_name: Callable[[str], str],
+    counters: FrontCounters, dispatcher: Any, model_name: Callable[[str], str]
 ) -> bytes:
-    """The whole exposition, from what the front holds (no call to another process)."""
+    """The whole exposition, from what the front holds (no call to another process):
+    ``counters`` are the server's totals (``FrontCounters.totals``)."""
+    stats, request_stats = counters.models, counters.requests
     out = Exposition()
     engines: list[EngineStats] = dispatcher.engine_stats()
     by_model: dict[str, list[Any]] = {}
@@ -338,6 +364,12 @@ def render_metrics(
         [({"status": status}, n) for status, n in sorted(by_status.items())],
     )
     out.metric(
+        "splitserve_front_requests_total",
+        "counter",
+        "Answers by front process (split mode: --fronts processes share the port)",
+        [({"front": str(index)}, n) for index, n in sorted(counters.by_front().items())],
+    )
+    out.metric(
         "splitserve_shed_requests_total",
         "counter",
         "Requests refused with 503 (could not be served in time, shutting down)",
@@ -421,7 +453,7 @@ def _gpu_metrics(out: Exposition) -> None:
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
-def metrics_route(stats: InferenceStats, request_stats: Any, dispatcher: Any) -> Any:
+def metrics_route(counters: FrontCounters, dispatcher: Any) -> Any:
     """``GET /metrics``: the Prometheus text format, computed at each scrape."""
     from starlette.responses import Response
     from starlette.routing import Route
@@ -430,7 +462,7 @@ def metrics_route(stats: InferenceStats, request_stats: Any, dispatcher: Any) ->
         return key.replace("/", ".")  # "service/model" -> the v2 model "service.model"
 
     async def metrics(_: Any) -> Response:
-        body = render_metrics(stats, request_stats, dispatcher, model_name)
+        body = render_metrics(counters.totals(), dispatcher, model_name)
         return Response(body, media_type=CONTENT_TYPE)
 
     return Route("/metrics", metrics, methods=["GET"])

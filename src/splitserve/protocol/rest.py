@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import socket
 import time
 from typing import Any, Protocol
 
@@ -36,11 +37,11 @@ from splitserve.errors import BadRequest, NotFound, ServiceError, Unauthorized
 from splitserve.protocol import tracing
 from splitserve.protocol.body import read_body, request_headers
 from splitserve.protocol.grpc_server import with_grpc
-from splitserve.protocol.metrics import InferenceStats, metrics_route
+from splitserve.protocol.metrics import FrontCounters, metrics_route
 from splitserve.protocol.v2 import v2_routes
 from splitserve.protocol.watch import watched
 from splitserve.replies import TIMINGS_HEADER, Reply, error_reply, timings_header
-from splitserve.stats import EngineStats, RequestStats
+from splitserve.stats import EngineStats, FrontStats
 
 log = logging.getLogger("splitserve.front")
 
@@ -59,6 +60,9 @@ class Dispatcher(Protocol):
     def ready(self) -> bool: ...
 
     def engine_stats(self) -> list[EngineStats]: ...
+
+    def peer_stats(self) -> list[FrontStats]:
+        """The latest counts of the server's other fronts (none in threaded mode)."""
 
     def begin_drain(self) -> None:
         """Refuse new requests (503) and turn readiness off; admitted ones go on."""
@@ -136,12 +140,15 @@ def create_app(
     cfg: ServerConfig,
     catalogue: dict[str, dict[str, Any]],
     lifespan: Any = None,
+    counters: FrontCounters | None = None,
 ) -> Starlette:
-    """The ASGI app; ``catalogue`` maps service names to a description of their models."""
+    """The ASGI app; ``catalogue`` maps service names to a description of their models;
+    ``counters``: where it counts what it answers (default: new ones)."""
 
     tracing.start(cfg)  # when --trace asks for it
-    request_stats = RequestStats()
-    inference_stats = InferenceStats()  # per model, for /v2 statistics and /metrics
+    if counters is None:
+        counters = FrontCounters(peers=dispatcher.peer_stats)
+    request_stats, inference_stats = counters.requests, counters.models
 
     async def post_service(request: HttpRequest) -> Response:
         name = request.path_params["name"]
@@ -164,7 +171,8 @@ def create_app(
         return _response(reply)
 
     async def stats(_: HttpRequest) -> Response:
-        return JSONResponse(request_stats.snapshot(dispatcher.mode, dispatcher.engine_stats()))
+        totals = counters.totals().requests
+        return JSONResponse(totals.snapshot(dispatcher.mode, dispatcher.engine_stats()))
 
     async def services(_: HttpRequest) -> Response:
         return JSONResponse({"services": catalogue})
@@ -180,14 +188,14 @@ def create_app(
     # Starlette tries the routes in order: the inference routes come first.
     routes = [
         Route("/v1/services/{name}", post_service, methods=["POST"]),
-        *v2_routes(dispatcher, cfg, catalogue, inference_stats, request_stats),
+        *v2_routes(dispatcher, cfg, catalogue, counters),
         Route("/v1/services", services, methods=["GET"]),
         Route("/v1/stats", stats, methods=["GET"]),
         Route("/health/live", live, methods=["GET"]),
         Route("/health/ready", ready, methods=["GET"]),
-        metrics_route(inference_stats, request_stats, dispatcher),
+        metrics_route(counters, dispatcher),
     ]
-    lifespan = with_grpc(lifespan, dispatcher, cfg, catalogue, inference_stats, request_stats)
+    lifespan = with_grpc(lifespan, dispatcher, cfg, catalogue, counters)
     app = Starlette(
         routes=routes, lifespan=lifespan, exception_handlers={HTTPException: _routing_error}
     )
@@ -206,11 +214,25 @@ async def _routing_error(_: HttpRequest, exc: Exception) -> Response:
     return _response(reply)
 
 
-def serve_app(app: Any, cfg: ServerConfig, dispatcher: Dispatcher) -> None:
+def listening_socket(host: str, port: int) -> socket.socket:
+    """The HTTP port, bound with SO_REUSEPORT so that several processes (split mode's
+    fronts) listen on it together and the kernel spreads the connections among them.
+    Only processes of the same user can join (Linux); the command line checks that
+    nothing else listens there before the server starts (``check_port_free``)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family, reuse_port=True)
+    except OSError as exc:
+        raise SystemExit(f"splitserve: cannot listen on {host}:{port}: {exc.strerror}") from None
+
+
+def serve_app(
+    app: Any, cfg: ServerConfig, dispatcher: Dispatcher, reuse_port: bool = False
+) -> None:
     """Run the app on uvicorn (uvloop and httptools when installed) until SIGTERM/SIGINT,
     then drain: readiness 503 and new requests refused at once, admitted requests
     answered (for at most ``cfg.drain_timeout_s``), then exit. A second signal exits
-    at once."""
+    at once. ``reuse_port``: share the port with other processes (``listening_socket``)."""
     import uvicorn
 
     class DrainingServer(uvicorn.Server):
@@ -248,4 +270,5 @@ def serve_app(app: Any, cfg: ServerConfig, dispatcher: Dispatcher) -> None:
         access_log=False,
         timeout_graceful_shutdown=2,
     )
-    DrainingServer(config).run()
+    sockets = [listening_socket(cfg.host, cfg.port)] if reuse_port else None
+    DrainingServer(config).run(sockets)

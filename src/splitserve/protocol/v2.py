@@ -34,7 +34,7 @@ from splitserve.config import ServerConfig
 from splitserve.errors import BadRequest, PayloadTooLarge, ServiceError, error_status_and_kind
 from splitserve.protocol import datatypes
 from splitserve.protocol.body import read_body, request_headers
-from splitserve.protocol.metrics import InferenceStats, model_statistics
+from splitserve.protocol.metrics import FrontCounters, model_statistics
 from splitserve.protocol.models import (
     DEFAULT_CONTENT_TYPE,
     VERSION,
@@ -243,11 +243,11 @@ def v2_routes(
     dispatcher: Any,
     cfg: ServerConfig,
     catalogue: dict[str, dict[str, Any]],
-    stats: InferenceStats,
-    request_stats: Any,
+    counters: FrontCounters,
 ) -> list[Route]:
     """The /v2 routes of the app that protocol/rest.py builds (both modes)."""
     registry = ModelRegistry(dispatcher, catalogue)
+    stats, request_stats = counters.models, counters.requests
 
     def _entry(request: HttpRequest) -> ModelEntry:
         params = request.path_params
@@ -284,22 +284,22 @@ def v2_routes(
         except ServiceError as exc:
             return error_response(exc)
 
-    def _statistics(entry: ModelEntry) -> dict[str, Any]:
-        engines = dispatcher.engine_stats()
-        return model_statistics(
-            entry.name, entry.stats_key, bool(entry.engine_model), stats, engines
-        )
+    def _statistics(entries: list[ModelEntry]) -> list[dict[str, Any]]:
+        totals, engines = counters.totals().models, dispatcher.engine_stats()
+        return [
+            model_statistics(e.name, e.stats_key, bool(e.engine_model), totals, engines)
+            for e in entries
+        ]
 
     async def model_stats(request: HttpRequest) -> Response:
         try:
             entry = _entry(request)
         except ServiceError as exc:
             return error_response(exc)
-        return JSONResponse({"model_stats": [_statistics(entry)]})
+        return JSONResponse({"model_stats": _statistics([entry])})
 
     async def all_stats(_: HttpRequest) -> Response:
-        entries = registry.entries().values()
-        return JSONResponse({"model_stats": [_statistics(e) for e in entries]})
+        return JSONResponse({"model_stats": _statistics(list(registry.entries().values()))})
 
     async def infer(request: HttpRequest) -> Response:
         try:

@@ -25,7 +25,7 @@ class ControlSender:
         self.socket.setsockopt(zmq.SNDHWM, 16)
         self.socket.connect(run.control_endpoint("control"))
 
-    def send(self, message: msg.ChildReady | msg.EngineStats) -> None:
+    def send(self, message: msg.ChildReady | msg.EngineStats | msg.FrontStats) -> None:
         with contextlib.suppress(zmq.Again):
             self.socket.send(msg.encode(message), zmq.NOBLOCK)
 

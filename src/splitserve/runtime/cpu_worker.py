@@ -1,9 +1,15 @@
 """The CPU worker process: runs the services' Python code, never a model.
 
 One asyncio loop per process. A job's pre/post-processing runs on the loop; while the
-job awaits an engine, the loop runs other jobs' CPU work (the front caps how many jobs a
+job awaits an engine, the loop runs other jobs' CPU work (the fronts cap how many jobs a
 worker holds). Inference calls go to the engine processes over Unix sockets; tensors
 above the inline threshold go through this process's shared-memory pool.
+
+The worker connects to every front (``--fronts``) and tells each the share of its
+``--worker-concurrency`` slots that front may fill (``front_share``): the shares add up
+to the worker's slots, so the fronts together never give it more jobs than that, and
+each front's admission counts only slots that are its own. A front that dies is
+reconnected when it is back; the jobs it sent are cancelled (nobody waits for them).
 """
 
 from __future__ import annotations
@@ -74,6 +80,25 @@ class EngineCall:
                 self.link.channel.send([msg.encode(msg.CancelInfer(self.id))])
 
 
+def front_share(capacity: int, fronts: int, worker: int, front: int) -> int:
+    """How many of worker ``worker``'s ``capacity`` slots front ``front`` may fill: an
+    even split, the remainder going to different fronts for different workers (so the
+    fronts' totals differ by one slot at most). ``fronts <= capacity`` (config.py), so
+    every front gets one at least; the shares add up to ``capacity``."""
+    base, extra = divmod(capacity, fronts)
+    return base + (1 if (front - worker) % fronts < extra else 0)
+
+
+@dataclass(eq=False)
+class FrontConnection:
+    """One connection to a front and the jobs it sent that run here (by its job ids:
+    each front numbers its own, and a restarted front starts over)."""
+
+    index: int
+    channel: chan.Channel
+    jobs: dict[int, asyncio.Task] = field(default_factory=dict)
+
+
 class EngineLink:
     """The connection to one engine process and the calls waiting on it."""
 
@@ -105,9 +130,7 @@ class CpuWorker:
             key: [self.links[j] for j in engines] for key, engines in routes.items()
         }
         self._ids = itertools.count(1)
-        self.front: chan.Channel | None = None
         self.tasks: set[asyncio.Task] = set()
-        self.jobs: dict[int, asyncio.Task] = {}  # job id -> the task running it
 
     def setup(self) -> None:
         for service in self.services.values():
@@ -293,7 +316,7 @@ class CpuWorker:
         else:  # the caller gave up (deadline, cancel): give back the outputs unread
             self._release_outputs(link, reply)
 
-    async def run_job(self, job: msg.Job, body: bytes) -> None:
+    async def run_job(self, front: FrontConnection, job: msg.Job, body: bytes) -> None:
         """Run one job and answer it, whatever happens; a job whose deadline passes, or
         that the front cancels, stops at its next ``await`` and answers 504 / 499."""
         started = time.monotonic()
@@ -307,7 +330,7 @@ class CpuWorker:
         except asyncio.CancelledError:
             reply = error_reply(Cancelled("the front no longer waits for this request"))
         finally:
-            self.jobs.pop(job.id, None)
+            front.jobs.pop(job.id, None)
         ended = time.monotonic()
         timings["worker_ms"] = (ended - started) * 1000
         reply.timings.update(timings)
@@ -316,7 +339,7 @@ class CpuWorker:
             service = self.services.get(job.service)
             stage = job_stage(service, reply, started, ended, calls, where, direct=bool(job.model))
             reply.stages = [stage]
-        self._answer(job.id, reply)
+        self._answer(front, job.id, reply)
 
     async def _invoke(
         self, job: msg.Job, body: bytes, timings: dict[str, float], calls: list[Stage] | None
@@ -330,45 +353,65 @@ class CpuWorker:
         request = Request(body, job.content_type, job.headers, self.cfg.max_image_pixels)
         return await invoke_service(service, request, infer)
 
-    def on_job(self, job: msg.Job, body: bytes) -> None:
+    def on_job(self, front: FrontConnection, job: msg.Job, body: bytes) -> None:
         if job.deadline <= time.monotonic():  # late already: answer without running it
-            self._answer(job.id, error_reply(DeadlineExceeded("deadline passed before start")))
+            late = error_reply(DeadlineExceeded("deadline passed before start"))
+            self._answer(front, job.id, late)
             return
-        self.jobs[job.id] = self._spawn(self.run_job(job, body))
+        front.jobs[job.id] = self._spawn(self.run_job(front, job, body))
 
-    def on_cancel(self, cancel: msg.Cancel) -> None:
-        task = self.jobs.get(cancel.id)
+    def on_cancel(self, front: FrontConnection, cancel: msg.Cancel) -> None:
+        task = front.jobs.get(cancel.id)
         if task is not None:
             task.cancel()
 
-    def _answer(self, job_id: int, reply: Reply) -> None:
+    def _answer(self, front: FrontConnection, job_id: int, reply: Reply) -> None:
+        """Answer on the connection the job came in on (a closed one: nobody waits)."""
         header = msg.JobReply(
             job_id, reply.status, reply.content_type, reply.timings, reply.headers, reply.stages
         )
-        if self.front is not None:
-            with contextlib.suppress(chan.ChannelClosed):
-                self.front.send([msg.encode(header), reply.body])
+        with contextlib.suppress(chan.ChannelClosed):
+            front.channel.send([msg.encode(header), reply.body])
+
+    async def front_link(self, index: int, joined: asyncio.Event) -> None:
+        """Keep a connection to front ``index``: announce this worker's share of slots,
+        run the jobs it sends; when it goes away, cancel them and connect anew."""
+        fronts = self.cfg.front_count
+        share = front_share(self.cfg.worker_concurrency, fronts, self.index, index)
+        path = self.run.front_socket(index)
+        while True:
+            channel = await chan.connect(path, timeout=float("inf"))
+            front = FrontConnection(index, channel)
+            try:
+                channel.send([msg.encode(msg.WorkerHello(self.index, os.getpid(), share))])
+                joined.set()
+                while True:
+                    header, *frames = await channel.recv()
+                    message = msg.front_decoder.decode(header)
+                    if isinstance(message, msg.Job):
+                        self.on_job(front, message, bytes(frames[0]) if frames else b"")
+                    elif isinstance(message, msg.Cancel):
+                        self.on_cancel(front, message)
+            except chan.ChannelClosed:
+                log.info("front %d closed its connection (restarting, or stopping)", index)
+            except Exception:  # a message we cannot read: drop the link, connect anew
+                log.exception("front %d: unreadable message; reconnecting", index)
+            finally:
+                channel.close()
+                for task in list(front.jobs.values()):
+                    task.cancel()
+            await asyncio.sleep(0.05)  # no busy loop on a front that closes at once
 
     async def main(self) -> None:
         for link in self.links:
             self._spawn(self.engine_link(link))
         for link in self.links:  # ready means able to reach every engine
             await link.connected.wait()
-        self.front = await chan.connect(self.run.socket_path("front"), timeout=float("inf"))
-        hello = msg.WorkerHello(self.index, os.getpid(), self.cfg.worker_concurrency)
-        self.front.send([msg.encode(hello)])
+        joined = asyncio.Event()
+        fronts = [self._spawn(self.front_link(k, joined)) for k in range(self.cfg.front_count)]
+        await joined.wait()  # and one front at least (each front's readiness needs its own)
         report_ready(self.run, "worker", self.index)
-        while True:  # the front going away ends this worker (the supervisor restarts it)
-            try:
-                header, *frames = await self.front.recv()
-            except chan.ChannelClosed:
-                log.info("the front closed its connection (server stopping); exiting")
-                return
-            message = msg.front_decoder.decode(header)
-            if isinstance(message, msg.Job):
-                self.on_job(message, bytes(frames[0]) if frames else b"")
-            elif isinstance(message, msg.Cancel):
-                self.on_cancel(message)
+        await asyncio.gather(*fronts)  # until SIGTERM (the supervisor stops the workers)
 
     def _spawn(self, coro) -> asyncio.Task:
         task = asyncio.create_task(coro)

@@ -1,7 +1,10 @@
 """The front process: HTTP in, jobs out to CPU workers, answers back. No user code.
 
-Workers announce themselves with ``WorkerHello``; each job goes to the worker with the
-fewest jobs in flight, never past its capacity. When every worker is full a request
+``--fronts`` of them share the HTTP port (SO_REUSEPORT: the kernel spreads the
+connections); each listens on its own ``front-K.sock``, to which every CPU worker
+connects. Workers announce themselves with ``WorkerHello`` and the share of their slots
+this front may fill; each job goes to the worker with the fewest jobs in flight, never
+past its capacity. When every worker is full a request
 waits in a bounded queue, but only if it can still be served before its deadline
 (admission.py); otherwise it is refused at once (503 with Retry-After). A job whose
 deadline passes, or whose client disconnects, is cancelled at its worker; its slot is
@@ -15,6 +18,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import os
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -22,16 +26,21 @@ from dataclasses import dataclass, field
 from splitserve.config import ServerConfig
 from splitserve.errors import DeadlineExceeded, Overloaded, ProcessDied, Unavailable
 from splitserve.protocol import tracing
+from splitserve.protocol.metrics import FrontCounters
 from splitserve.protocol.rest import create_app, serve_app
 from splitserve.replies import Reply, error_reply
 from splitserve.runtime import channel as chan
 from splitserve.runtime import messages as msg
 from splitserve.runtime.admission import AdmissionEstimate
-from splitserve.runtime.control import report_ready, server_states
+from splitserve.runtime.control import ControlSender, report_ready, server_states
 from splitserve.runtime.process import become_child
 from splitserve.runtime.rundir import RunDir
 
 log = logging.getLogger("splitserve.front")
+
+# How often a front sends its counters to the supervisor (the other fronts' /metrics
+# include them from the next state broadcast on).
+STATS_INTERVAL_S = 1.0
 
 
 @dataclass(eq=False)
@@ -67,9 +76,11 @@ class Waiter:
 class SplitDispatcher:
     mode = "split"
 
-    def __init__(self, cfg: ServerConfig, run: RunDir) -> None:
+    def __init__(self, cfg: ServerConfig, run: RunDir, index: int = 0) -> None:
         self.cfg = cfg
         self.run = run
+        self.index = index
+        self.counters = FrontCounters(index, self.peer_stats, run.started)
         self.tasks: list[asyncio.Task] = []
         self.workers: dict[chan.Channel, WorkerSlot] = {}
         self.waiters: deque[Waiter] = deque()
@@ -80,12 +91,13 @@ class SplitDispatcher:
 
     async def start(self) -> None:
         """Listen for workers (inside the HTTP server's event loop)."""
-        self.server = await chan.listen(self.run.socket_path("front"), self.on_worker)
+        self.server = await chan.listen(self.run.front_socket(self.index), self.on_worker)
         self.tasks = [
             asyncio.create_task(self.watch_state()),
             asyncio.create_task(self.shed_late_waiters()),
+            asyncio.create_task(self.report_stats()),
         ]
-        report_ready(self.run, "front", 0)
+        report_ready(self.run, "front", self.index)
 
     def stop(self) -> None:
         for task in self.tasks:
@@ -93,6 +105,24 @@ class SplitDispatcher:
 
     def engine_stats(self) -> list[msg.EngineStats]:
         return list(self.state.engine_stats) if self.state is not None else []
+
+    def peer_stats(self) -> list[msg.FrontStats]:
+        """The other fronts' latest counts and those of fronts that died (this one's
+        earlier runs too), as the supervisor last broadcast them."""
+        if self.state is None:
+            return []
+        pid = os.getpid()
+        return [stats for stats in self.state.front_stats if stats.pid != pid]
+
+    async def report_stats(self, interval_s: float = STATS_INTERVAL_S) -> None:
+        """Send this front's counters to the supervisor every ``interval_s``."""
+        sender = ControlSender(self.run)
+        try:
+            while True:
+                await asyncio.sleep(interval_s)
+                sender.send(self.counters.report(os.getpid()))
+        finally:
+            sender.close()
 
     def ready(self) -> bool:
         return (
@@ -318,10 +348,10 @@ class SplitDispatcher:
             self.state = state
 
 
-def run_front(cfg: ServerConfig, run: RunDir, catalogue: dict) -> None:
-    """Entry point of the front process (started by the supervisor)."""
-    become_child("splitserve-front", run.supervisor_pid, cfg.log_level)
-    dispatcher = SplitDispatcher(cfg, run)
+def run_front(cfg: ServerConfig, run: RunDir, index: int, catalogue: dict) -> None:
+    """Entry point of front ``index`` (started by the supervisor)."""
+    become_child(f"splitserve-front-{index}", run.supervisor_pid, cfg.log_level)
+    dispatcher = SplitDispatcher(cfg, run, index)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):
@@ -329,5 +359,5 @@ def run_front(cfg: ServerConfig, run: RunDir, catalogue: dict) -> None:
         yield
         dispatcher.stop()
 
-    app = create_app(dispatcher, cfg, catalogue, lifespan=lifespan)
-    serve_app(app, cfg, dispatcher)
+    app = create_app(dispatcher, cfg, catalogue, lifespan=lifespan, counters=dispatcher.counters)
+    serve_app(app, cfg, dispatcher, reuse_port=cfg.front_count > 1)

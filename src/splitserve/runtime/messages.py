@@ -10,7 +10,7 @@ from __future__ import annotations
 import msgspec
 
 from splitserve.replies import Stage
-from splitserve.stats import EngineStats
+from splitserve.stats import EngineStats, FrontStats
 
 
 class TensorRef(msgspec.Struct, array_like=True, frozen=True):
@@ -146,6 +146,10 @@ class ServerState(msgspec.Struct, tag="state", array_like=True):
     workers: dict[int, int]
     engine_stats: list[EngineStats] = []
     restarts: dict[str, int] = {}  # by role ("engine", "worker", "front")
+    fronts: dict[int, int] = {}
+    # every front's latest counts, and those of fronts that died (pid 0), for the
+    # server-wide totals that any front answers (protocol/metrics.py:FrontCounters)
+    front_stats: list[FrontStats] = []
 
     @property
     def ready(self) -> bool:
@@ -154,7 +158,7 @@ class ServerState(msgspec.Struct, tag="state", array_like=True):
 
 FrontMessage = Job | JobReply | WorkerHello | Cancel
 EngineMessage = InferRequest | InferReply | Release | EngineHello | CancelInfer
-ControlMessage = ChildReady | ServerState | EngineStats
+ControlMessage = ChildReady | ServerState | EngineStats | FrontStats
 
 encode = msgspec.msgpack.Encoder().encode
 front_decoder = msgspec.msgpack.Decoder(FrontMessage)

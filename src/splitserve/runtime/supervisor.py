@@ -1,12 +1,14 @@
-"""The supervisor: starts the front, the CPU workers and the engines, and keeps them up.
+"""The supervisor: starts the fronts, the CPU workers and the engines, and keeps them up.
 
 It gets the settings and the layout (each engine's resolved model specs, the workers'
-routes, the front's catalogue), owns the run directory (the sockets), listens for
-``ChildReady`` and ``EngineStats`` on a PULL socket, and publishes ``ServerState`` on a
-PUB socket on every change and every ``STATE_INTERVAL_S`` (so a late subscriber catches
-up); the front follows it for readiness and engine statistics. A child that dies is
-restarted after a short back-off and its shared-memory segments are removed; its peers
-notice the death themselves, when its connection closes.
+routes, the fronts' catalogue), owns the run directory (the sockets), listens for
+``ChildReady``, ``EngineStats`` and ``FrontStats`` on a PULL socket, and publishes
+``ServerState`` on a PUB socket on every change and every ``STATE_INTERVAL_S`` (so a
+late subscriber catches up); the fronts follow it for readiness, engine statistics and
+each other's counters. A child that dies is restarted after a short back-off and its
+shared-memory segments are removed; its peers notice the death themselves, when its
+connection closes. A front that dies leaves its last counts here, added to what the
+fronts report from then on, so the server's totals never go down.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from splitserve.runtime.front import run_front
 from splitserve.runtime.process import configure_logging
 from splitserve.runtime.rundir import RunDir
 from splitserve.runtime.shm import remove_segments
+from splitserve.stats import summed
 
 log = logging.getLogger("splitserve.supervisor")
 
@@ -76,8 +79,11 @@ class Supervisor:
             Child("worker", i, run_cpu_worker, (cfg, run, i, layout.routes), WORKER_ENV)
             for i in range(cfg.cpu_workers)
         ]
-        self._front_child = Child("front", 0, run_front, (cfg, run, layout.catalogue), WORKER_ENV)
-        self.children.append(self._front_child)
+        self._fronts = [
+            Child("front", k, run_front, (cfg, run, k, layout.catalogue), WORKER_ENV)
+            for k in range(cfg.front_count)
+        ]
+        self.children += self._fronts
         self.ctx = zmq.Context()
         self.control = self.ctx.socket(zmq.PULL)
         self.control.bind(run.control_endpoint("control"))
@@ -86,6 +92,8 @@ class Supervisor:
         self._stopping = False
         self._drain_until = 0.0  # set by the first SIGTERM/SIGINT
         self.engine_stats: dict[int, msg.EngineStats] = {}
+        self.front_stats: dict[int, msg.FrontStats] = {}  # each running front's latest
+        self.retired_front_stats: dict[int, msg.FrontStats] = {}  # of those that died
 
     def _start(self, child: Child) -> None:
         saved = {k: os.environ.get(k) for k in child.env}
@@ -112,6 +120,8 @@ class Supervisor:
                 role: sum(c.restarts for c in self.children if c.role == role)
                 for role in ("engine", "worker", "front")
             },
+            fronts={c.index: c.ready_pid for c in self._fronts},
+            front_stats=[*self.front_stats.values(), *self.retired_front_stats.values()],
         )
         self.state_pub.send(msg.encode(state))
 
@@ -120,10 +130,12 @@ class Supervisor:
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
         log.info(
-            "serving %s in split mode on http://%s:%d (%d CPU workers, %d engine processes)",
+            "serving %s in split mode on http://%s:%d (%d fronts, %d CPU workers, "
+            "%d engine processes)",
             ", ".join(self.cfg.services),
             self.cfg.host,
             self.cfg.port,
+            len(self._fronts),
             self.cfg.cpu_workers,
             sum(c.role == "engine" for c in self.children),
         )
@@ -138,27 +150,27 @@ class Supervisor:
                 if changed or now - last_publish >= STATE_INTERVAL_S:
                     self._publish()
                     last_publish = now
-                if self._drain_until and (self._front_gone() or now > self._drain_until):
+                if self._drain_until and (not self._live_fronts() or now > self._drain_until):
                     break
         finally:
             self.shutdown()
         return 0
 
     def _on_signal(self, *_: object) -> None:
-        """First signal: drain (the front stops admitting and answers what it holds, the
-        rest keep serving it); a second one, or a front that is not running: stop now."""
-        front = self._front_child.process
-        if self._drain_until or front is None or not front.is_alive():
+        """First signal: drain (every front stops admitting and answers what it holds,
+        the rest keep serving them); a second one, or no front running: stop now."""
+        fronts = self._live_fronts()
+        if self._drain_until or not fronts:
             self._stopping = True
             return
         log.info("draining (at most %.0fs), then stopping", self.cfg.drain_timeout_s)
         self._drain_until = time.monotonic() + self.cfg.drain_timeout_s + DRAIN_MARGIN_S
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(front.pid, signal.SIGTERM)
+        for front in fronts:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(front.pid, signal.SIGTERM)
 
-    def _front_gone(self) -> bool:
-        front = self._front_child.process
-        return front is None or not front.is_alive()
+    def _live_fronts(self) -> list[BaseProcess]:
+        return [c.process for c in self._fronts if c.process is not None and c.process.is_alive()]
 
     def _receive(self, timeout_ms: int) -> bool:
         changed = False
@@ -172,6 +184,9 @@ class Supervisor:
                 if isinstance(ready, msg.EngineStats):
                     self.engine_stats[ready.index] = ready
                     continue
+                if isinstance(ready, msg.FrontStats):
+                    self._on_front_stats(ready)
+                    continue
                 if not isinstance(ready, msg.ChildReady):
                     continue
                 for child in self.children:
@@ -184,6 +199,26 @@ class Supervisor:
                         changed = True
                         log.info("%s %d ready (pid %d)", child.role, child.index, ready.pid)
         return changed
+
+    def _on_front_stats(self, stats: msg.FrontStats) -> None:
+        """Keep a running front's latest counts (a late report of a dead one is dropped:
+        its last report is retired already)."""
+        if 0 <= stats.index < len(self._fronts):
+            proc = self._fronts[stats.index].process
+            if proc is not None and proc.pid == stats.pid:
+                self.front_stats[stats.index] = stats
+
+    def _retire_front_stats(self, index: int) -> None:
+        """A front died: its last counts join those of its predecessors (pid 0)."""
+        last = self.front_stats.pop(index, None)
+        if last is None:
+            return
+        for model in last.models.values():
+            model.pending = 0  # its requests in flight died with it
+        retired = self.retired_front_stats.get(index)
+        self.retired_front_stats[index] = summed(
+            [last] if retired is None else [retired, last], index
+        )
 
     def _reap(self) -> bool:
         """Notice dead children, clean up after them, restart them after a back-off."""
@@ -203,6 +238,8 @@ class Supervisor:
                 )
                 if proc.pid:
                     remove_segments(self.run_dir.supervisor_pid, proc.pid)
+                if child.role == "front":
+                    self._retire_front_stats(child.index)
                 child.process = None
                 # A child that dies before it was ever ready is crash-looping: back off
                 # further each time. One that served and then died starts over at once.

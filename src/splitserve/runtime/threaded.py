@@ -27,7 +27,7 @@ from splitserve.protocol.rest import create_app, serve_app
 from splitserve.replies import Reply
 from splitserve.runtime.inprocess import InProcessService, engine_stats
 from splitserve.runtime.process import configure_logging
-from splitserve.stats import EngineStats
+from splitserve.stats import EngineStats, FrontStats
 
 log = logging.getLogger("splitserve.threaded")
 
@@ -67,6 +67,9 @@ class ThreadedDispatcher:
 
     def engine_stats(self) -> list[EngineStats]:
         return engine_stats(list(self.services.values()))
+
+    def peer_stats(self) -> list[FrontStats]:
+        return []  # one process: its counters are the server's
 
     async def dispatch(
         self,
