@@ -297,6 +297,11 @@ PEERS: dict[str, Peer] = {
             splitserve_args=("--mode", "threaded", "--threads", "8"),
         ),
         Peer(
+            "split",
+            "splitserve split, the README's command (the default layout)",
+            splitserve_args=(),
+        ),
+        Peer(
             "split-1w",
             "splitserve split, 1 CPU worker x 16, 2 engines x 1 thread",
             splitserve_args=(
@@ -308,7 +313,10 @@ PEERS: dict[str, Peer] = {
         Peer(
             "split-2w",
             "splitserve split, 2 CPU workers x 8, 1 engine",
-            splitserve_args=("--cpu-workers", "2", "--worker-concurrency", "8"),
+            splitserve_args=(
+                *("--cpu-workers", "2", "--worker-concurrency", "8"),
+                *("--engine-replicas", "1"),
+            ),
         ),
     )
 }
