@@ -171,9 +171,8 @@ class Batcher:
             return size
         return -1 - (size - 1) // self.pad_bucket if self.pad_bucket else -1
 
-    def submit(self, request: PendingRequest, wake: bool = True) -> None:
-        """Queue a request (``BadRequest`` for malformed inputs, ``Overloaded`` when full);
-        ``wake=False`` leaves the thread waiting in ``next_batch`` asleep (see ``wake``)."""
+    def submit(self, request: PendingRequest) -> None:
+        """Queue a request (``BadRequest`` for malformed inputs, ``Overloaded`` when full)."""
         request.signature, request.rows = self._signature(request.inputs)
         with self._cond:
             if self._closed:
@@ -186,12 +185,6 @@ class Batcher:
                 self._gap_s = gap if first else 0.8 * self._gap_s + 0.2 * gap
             self._last_arrival = request.arrived
             self._queue.append(request)
-            if wake:
-                self._cond.notify()
-
-    def wake(self) -> None:
-        """Wake the thread waiting in ``next_batch``: requests may be due."""
-        with self._cond:
             self._cond.notify()
 
     def cancel(self, key: Any) -> PendingRequest | None:

@@ -7,9 +7,7 @@ Threads:
 - one thread per model waits for batches and runs them, then hands each reply back to
   the loop (``call_soon_threadsafe``). ONNX Runtime (like TensorRT and PyTorch) releases
   the GIL while it computes, so the loop keeps receiving and the next batch fills up
-  during the current one. A model whose batches take less than two thread hand-offs
-  (``INLINE_BATCH_S``) has a batch that is due run on the I/O thread itself when the
-  model is idle: the hand-offs would cost more than the batch.
+  during the current one.
 """
 
 from __future__ import annotations
@@ -47,12 +45,6 @@ from splitserve.spec import ModelSpec
 from splitserve.stats import ModelCounters
 
 log = logging.getLogger("splitserve.engine")
-
-# A batch this quick (the model's recent average) runs on the I/O thread when its model
-# is idle, instead of being handed to the model's thread and its reply handed back: the
-# two hand-offs cost ~50 us on the no-op of docs/benchmarks.md, more than such a batch,
-# and the loop is blocked no longer than one of them.
-INLINE_BATCH_S = 0.0003
 
 
 @dataclass(frozen=True)
@@ -105,9 +97,6 @@ class ModelRunner(threading.Thread):
             model.backend, engine.simulated, engine.inputs, engine.outputs
         )
         self._stop = threading.Event()
-        # Held while a batch of this model runs, on its thread or inline (``run_inline``).
-        self.busy = threading.Lock()
-        self.batch_s = float("inf")  # exponential average of a batch's compute time
 
     def stop(self) -> None:
         self._stop.set()
@@ -118,52 +107,19 @@ class ModelRunner(threading.Thread):
         thread must outlive any batch, since a silent death would stall the model."""
         while not self._stop.is_set():
             batch, expired = self.batcher.next_batch(timeout=0.5)
-            self.send_expired(expired)
+            for req in expired:
+                self.send_error(req.key, DeadlineExceeded("deadline passed in the engine queue"))
             if batch is not None:
-                with self.busy:
-                    self.run_safely(batch)
+                try:
+                    self.run_batch(batch)
+                except Exception as exc:  # a bug of ours: fail the batch, keep serving
+                    log.exception("%s: failed to answer a batch of %d", self.key, batch.size)
+                    for req in batch.fail():
+                        self.send_error(req.key, EngineFault(f"{type(exc).__name__}: {exc}"))
 
-    def run_inline(self) -> bool:
-        """On the I/O thread: run a batch that is due now if this model's batches are
-        quick and nothing of it runs; False when the model's thread must do it."""
-        if self.batch_s > INLINE_BATCH_S or not self.busy.acquire(blocking=False):
-            return False
-        slot = self.compute_slot
+    def run_batch(self, batch: Batch) -> None:
         try:
-            if slot is not None and not slot.acquire(blocking=False):
-                return False
-            try:
-                batch, expired = self.batcher.next_batch(timeout=0)
-                for req in expired:
-                    self.send_error(
-                        req.key, DeadlineExceeded("deadline passed in the engine queue")
-                    )
-                if batch is None:
-                    return False
-                self.run_safely(batch, slot_held=True)
-                return True
-            finally:
-                if slot is not None:
-                    slot.release()
-        finally:
-            self.busy.release()
-
-    def send_expired(self, expired: list[PendingRequest]) -> None:
-        for req in expired:
-            self.send_error(req.key, DeadlineExceeded("deadline passed in the engine queue"))
-
-    def run_safely(self, batch: Batch, slot_held: bool = False) -> None:
-        try:
-            self.run_batch(batch, slot_held)
-        except Exception as exc:  # a bug of ours: fail the batch, keep serving
-            log.exception("%s: failed to answer a batch of %d", self.key, batch.size)
-            for req in batch.fail():
-                self.send_error(req.key, EngineFault(f"{type(exc).__name__}: {exc}"))
-
-    def run_batch(self, batch: Batch, slot_held: bool = False) -> None:
-        slot = None if slot_held else self.compute_slot
-        try:
-            with slot or contextlib.nullcontext():
+            with self.compute_slot or contextlib.nullcontext():
                 started = time.monotonic()
                 outputs = self.engine.run_batch(batch.inputs)
             check_outputs(outputs, batch.size)
@@ -173,9 +129,7 @@ class ModelRunner(threading.Thread):
                 self.send_error(req.key, exc)
             return
         finished = time.monotonic()
-        took = finished - started
-        self.batch_s = took if self.batch_s == float("inf") else 0.8 * self.batch_s + 0.2 * took
-        infer_ms = took * 1000
+        infer_ms = (finished - started) * 1000
         queue_ms = sum((batch.formed - r.arrived) * 1000 for r in batch.requests)
         self.counters.record(batch.size, finished - started, queue_ms)
         for req, _, rows, _ in batch.parts:
@@ -260,7 +214,6 @@ class EngineProcess:
         # The jobs each connected worker may hold: a bound on the requests in flight.
         self.capacities: dict[chan.Channel, int] = {}
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.loop_thread = threading.get_ident()  # the I/O thread: this one
         # One batch at a time computes on the host's cores in this process: each uses the
         # process's `threads`, so models that run side by side (det, cls, rec) would
         # otherwise run several times as many compute threads as cores and lose to the
@@ -292,12 +245,9 @@ class EngineProcess:
             log.warning("%s: warm-up with a generic batch failed (%s)", key, exc)
 
     def deliver(self, key: ReplyTo, frames: list, segments: list[str]) -> None:
-        """Send a reply from the loop's thread (now, when called there: a batch run inline)."""
+        """Called from model threads: send a reply from the loop's thread."""
         assert self.loop is not None
-        if threading.get_ident() == self.loop_thread:
-            self._send(key.channel, frames, segments)
-        else:
-            self.loop.call_soon_threadsafe(self._send, key.channel, frames, segments)
+        self.loop.call_soon_threadsafe(self._send, key.channel, frames, segments)
 
     def _send(self, channel: chan.Channel, frames: list, segments: list[str]) -> None:
         lent = self.lent.get(channel)
@@ -398,13 +348,8 @@ class EngineProcess:
                     raise NotFound(f"engine {self.index} does not host model {message.model!r}")
                 inputs = unpack_tensors(message.tensors, frames, self.attachments)
                 runner.engine.check_inputs(inputs)
-                inline = runner.batch_s <= INLINE_BATCH_S
                 stages = [] if message.traced else None
-                runner.batcher.submit(
-                    PendingRequest(key, inputs, message.deadline, stages=stages), wake=not inline
-                )
-                if inline and (not runner.run_inline() or len(runner.batcher)):
-                    runner.batcher.wake()
+                runner.batcher.submit(PendingRequest(key, inputs, message.deadline, stages=stages))
             except (TransportError, ValueError) as exc:
                 channel.send([error_header(key, BadRequest(str(exc)))])
             except Exception as exc:
