@@ -52,7 +52,9 @@ RAY_ARGS = ["--cpu-replicas", "1", "--cpu-concurrency", "16"]
 
 
 def post(url: str, body: bytes) -> Any:
-    req = urllib.request.Request(url, data=body, method="POST")
+    # urllib's default content type is a form's, which the servers refuse (415)
+    headers = {"Content-Type": "application/octet-stream"}
+    req = urllib.request.Request(url, data=body, method="POST", headers=headers)
     with urllib.request.urlopen(req, timeout=120) as resp:
         return json.loads(resp.read())
 
