@@ -61,9 +61,11 @@ def test_fronts_is_a_number_or_auto_and_at_most_a_workers_slots(tmp_path: Path) 
     assert parse("--config", str(path)).fronts == 2
     assert parse("--config", str(path), "--fronts", "auto").fronts == "auto"
     assert ServerConfig(fronts="auto").front_count == 1  # unresolved: the cautious one
-    for bad, message in (("0", ">= 1"), ("two", "number or 'auto'"), ("5", "<= worker_conc")):
+    for bad, message in (("0", ">= 1"), ("two", "number or 'auto'")):
         with pytest.raises(ValueError, match=message):
             parse("tests.services:Echo", "--fronts", bad)
+    with pytest.raises(ValueError, match="<= worker_conc"):
+        parse("tests.services:Echo", "--fronts", "5", "--worker-concurrency", "4")
     assert parse("tests.services:Echo", "--fronts", "5", "--worker-concurrency", "8").fronts == 5
 
 

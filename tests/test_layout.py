@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import pytest
+
 import splitserve
+from splitserve.config import ServerConfig
 from splitserve.layout import (
+    ACCELERATOR_WORKER_CONCURRENCY,
+    CPU_MODELS_WORKER_CONCURRENCY,
     MAX_CPU_REPLICAS,
     MAX_FRONTS,
+    Services,
     default_fronts,
     default_layout,
     on_accelerator,
+    with_default_layout,
 )
 
 CPU_MODEL = splitserve.Model("m.onnx")
@@ -16,14 +23,19 @@ SIMULATED = splitserve.Model(backend="simulated", options={"latency_ms": [1, 1]}
 
 
 def test_cpu_models_get_one_engine_per_core_and_a_worker_per_four_cores() -> None:
-    assert default_layout({"s/m": CPU_MODEL}, cores=2) == (1, 2)
-    assert default_layout({"s/m": CPU_MODEL}, cores=8) == (2, 8)
+    # each worker holds many jobs: they mostly await the engines
+    assert default_layout({"s/m": CPU_MODEL}, cores=2) == (1, 2, CPU_MODELS_WORKER_CONCURRENCY)
+    assert default_layout({"s/m": CPU_MODEL}, cores=8) == (2, 8, CPU_MODELS_WORKER_CONCURRENCY)
     assert default_layout({"s/m": CPU_MODEL}, cores=32).engine_replicas == MAX_CPU_REPLICAS
 
 
 def test_accelerator_models_get_one_engine_and_a_worker_per_core_but_one() -> None:
     assert on_accelerator(SIMULATED)
-    assert default_layout({"s/m": SIMULATED}, cores=16) == (15, None)
+    assert default_layout({"s/m": SIMULATED}, cores=16) == (
+        15,
+        None,
+        ACCELERATOR_WORKER_CONCURRENCY,
+    )
     cuda = splitserve.Model("m.onnx", options={"providers": ["CUDAExecutionProvider"]})
     assert on_accelerator(cuda)
     assert not on_accelerator(splitserve.Model("pkg:make", backend="torch"))
@@ -44,3 +56,11 @@ def test_more_fronts_only_for_accelerator_models_on_many_cores() -> None:
     assert default_fronts({"s/m": SIMULATED}, cores=128) == MAX_FRONTS
     assert default_fronts({"s/m": SIMULATED}, cores=128, worker_concurrency=1) == 1
     assert default_fronts({}, cores=32) == MAX_FRONTS  # no model: the work is the workers'
+
+
+def test_fronts_above_the_default_worker_slots_are_refused() -> None:
+    services = Services.load(["tests.services:SlowEngine"])  # a simulated accelerator
+    cfg = with_default_layout(ServerConfig(fronts=2), services)
+    assert (cfg.worker_concurrency, cfg.fronts) == (ACCELERATOR_WORKER_CONCURRENCY, 2)
+    with pytest.raises(ValueError, match=r"<= worker_concurrency \(4\)"):
+        with_default_layout(ServerConfig(fronts=5), services)

@@ -71,8 +71,12 @@ class ServerConfig:
     engine_threads: int | None = _setting(
         None, "intra-op threads per engine (default: cores / engine processes)", type=int
     )
-    worker_concurrency: int = _setting(
-        4, "requests a CPU worker holds at once: it preprocesses one while others await engines"
+    worker_concurrency: int | None = _setting(
+        None,
+        "requests a CPU worker holds at once: it preprocesses one while others await "
+        "engines (default: from the models: 16 when they run on the host's cores, 4 on "
+        "an accelerator)",
+        type=int,
     )
     crash_retries: int = _setting(
         1,
@@ -122,9 +126,11 @@ class ServerConfig:
         self.log_level = self.log_level.upper()
         if self.mode not in ("split", "threaded"):
             raise ValueError(f"mode must be 'split' or 'threaded', got {self.mode!r}")
-        for name in ("worker_concurrency", "threads", "queue_size"):
+        for name in ("threads", "queue_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        if self.worker_concurrency is not None and self.worker_concurrency < 1:
+            raise ValueError("worker_concurrency must be >= 1")
         if self.trace not in ("off", "on") and not self.trace.startswith(("http://", "https://")):
             raise ValueError(f"trace must be off, on or an http(s):// URL, got {self.trace!r}")
         if self.crash_retries < 0:
@@ -134,7 +140,11 @@ class ServerConfig:
         if self.engine_replicas is not None and self.engine_replicas < 1:
             raise ValueError("engine_replicas must be >= 1")
         self.fronts = _fronts(self.fronts)
-        if self.fronts != "auto" and self.fronts > self.worker_concurrency:
+        if (
+            self.fronts != "auto"
+            and self.worker_concurrency is not None
+            and self.fronts > self.worker_concurrency
+        ):
             raise ValueError(
                 f"fronts ({self.fronts}) must be <= worker_concurrency "
                 f"({self.worker_concurrency}): each front gets a share of every CPU "

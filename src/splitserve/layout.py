@@ -169,6 +169,17 @@ MAX_CPU_REPLICAS = 8
 class Defaults(NamedTuple):
     cpu_workers: int
     engine_replicas: int | None  # None: each model's own ``replicas``
+    worker_concurrency: int
+
+
+# Jobs a CPU worker holds at once by default. Models on the host's cores: a worker per
+# four cores spends most of a job awaiting engines (OCR: ~94% of it), so it holds many,
+# which keeps the engines' queues full and gives admission slots for a closed loop of
+# clients (16 per worker: the best hand-found OCR layout, docs/benchmarks.md; with 4, a
+# lone worker's 4 slots made 16 clients a 4x overload and the front refused most of
+# them). Models on an accelerator: a worker per core, each with a few jobs.
+CPU_MODELS_WORKER_CONCURRENCY = 16
+ACCELERATOR_WORKER_CONCURRENCY = 4
 
 
 def gpu_present() -> bool:
@@ -207,10 +218,12 @@ def default_layout(
     if any(not on_accelerator(m) for m in models.values()):
         replicas = None if declared else min(cores, MAX_CPU_REPLICAS)
         workers = max(1, cores // 4)
+        concurrency = CPU_MODELS_WORKER_CONCURRENCY
     else:
         replicas = None
         workers = max(1, cores - 1)
-    return Defaults(cpu_workers or workers, replicas)
+        concurrency = ACCELERATOR_WORKER_CONCURRENCY
+    return Defaults(cpu_workers or workers, replicas, concurrency)
 
 
 # Fronts (``--fronts auto``). A front spends ~FRONT_CPU_MS of its core per request on
@@ -249,14 +262,20 @@ def default_fronts(
 def with_default_layout(cfg: ServerConfig, services: Services) -> ServerConfig:
     """``cfg`` with the CPU workers, engine replicas and fronts it leaves open filled in."""
     models = {key: d.model for key, d in services.models.items()}
-    if cfg.fronts == "auto":
-        fronts = default_fronts(models, worker_concurrency=cfg.worker_concurrency)
-        cfg = dataclasses.replace(cfg, fronts=fronts)
-    if cfg.cpu_workers is not None and cfg.engine_replicas is not None:
-        return cfg
     defaults = default_layout(models, cpu_workers=cfg.cpu_workers)
-    return dataclasses.replace(
+    concurrency = cfg.worker_concurrency or defaults.worker_concurrency
+    cfg = dataclasses.replace(
         cfg,
         cpu_workers=defaults.cpu_workers,
         engine_replicas=cfg.engine_replicas or defaults.engine_replicas,
+        worker_concurrency=concurrency,
     )
+    if cfg.fronts == "auto":
+        fronts = default_fronts(models, worker_concurrency=concurrency)
+        cfg = dataclasses.replace(cfg, fronts=fronts)
+    elif cfg.fronts > concurrency:
+        raise ValueError(
+            f"fronts ({cfg.fronts}) must be <= worker_concurrency ({concurrency}): each "
+            "front gets a share of every CPU worker's slots"
+        )
+    return cfg

@@ -189,7 +189,7 @@ def starting_point(services: Services, cores: int) -> Candidate:
         ("engine_replicas", replicas),
         ("engine_threads", max(1, cores // replicas)),
         ("cpu_workers", layout.cpu_workers),
-        ("worker_concurrency", 4),
+        ("worker_concurrency", layout.worker_concurrency),
     ):
         candidate = candidate.with_setting(name, value)
     return candidate
