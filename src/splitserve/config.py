@@ -74,7 +74,7 @@ class ServerConfig:
     worker_concurrency: int | None = _setting(
         None,
         "requests a CPU worker holds at once: it preprocesses one while others await "
-        "engines (default: from the models: 16 when they run on the host's cores, 4 on "
+        "engines (default: from the models: 8 when they run on the host's cores, 4 on "
         "an accelerator)",
         type=int,
     )

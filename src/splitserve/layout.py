@@ -173,12 +173,13 @@ class Defaults(NamedTuple):
 
 
 # Jobs a CPU worker holds at once by default. Models on the host's cores: a worker per
-# four cores spends most of a job awaiting engines (OCR: ~94% of it), so it holds many,
-# which keeps the engines' queues full and gives admission slots for a closed loop of
-# clients (16 per worker: the best hand-found OCR layout, docs/benchmarks.md; with 4, a
-# lone worker's 4 slots made 16 clients a 4x overload and the front refused most of
-# them). Models on an accelerator: a worker per core, each with a few jobs.
-CPU_MODELS_WORKER_CONCURRENCY = 16
+# four cores spends most of a job awaiting engines (OCR: ~94% of it), so it holds more
+# than the engines run at once; admission then serves a closed loop of twice as many
+# clients as slots without refusals (with 4, a lone worker's 4 slots made 16 clients a
+# 4x overload and the front refused most of them), while every slot more adds latency
+# to what is in flight (16 per worker: recovery after a 10x overload took 22 s for a new
+# request, docs/benchmarks.md). Models on an accelerator: a worker per core, a few each.
+CPU_MODELS_WORKER_CONCURRENCY = 8
 ACCELERATOR_WORKER_CONCURRENCY = 4
 
 
