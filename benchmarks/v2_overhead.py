@@ -95,6 +95,9 @@ class StubDispatcher:
     def engine_stats(self) -> list[Any]:
         return self.engines
 
+    def peer_stats(self) -> list:
+        return []  # one front: its counters are the server's
+
     def begin_drain(self) -> None:
         pass
 
