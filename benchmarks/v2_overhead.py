@@ -125,11 +125,10 @@ CATALOGUE = {
 def front_calls() -> dict[str, Callable[[], Awaitable[None]]]:
     """One call per route, each a whole request through the app (or the gRPC servicer)."""
     from splitserve.config import ServerConfig
+    from splitserve.protocol import metrics
     from splitserve.protocol.grpc_server import InferenceServicer
     from splitserve.protocol.grpc_v2 import inference_pb2 as pb
-    from splitserve.protocol.metrics import InferenceStats
     from splitserve.protocol.rest import create_app
-    from splitserve.stats import RequestStats
 
     dispatcher = StubDispatcher()
     cfg = ServerConfig()
@@ -173,7 +172,13 @@ def front_calls() -> dict[str, Callable[[], Awaitable[None]]]:
         return call
 
     octet = (b"content-type", b"application/octet-stream")
-    servicer = InferenceServicer(dispatcher, cfg, CATALOGUE, InferenceStats(), RequestStats())
+    if hasattr(metrics, "FrontCounters"):  # this tree: one set of counters per front
+        servicer = InferenceServicer(dispatcher, cfg, CATALOGUE, metrics.FrontCounters())
+    else:  # a baseline from before several fronts
+        from splitserve.stats import RequestStats
+
+        counters = (metrics.InferenceStats(), RequestStats())
+        servicer = InferenceServicer(dispatcher, cfg, CATALOGUE, *counters)
     message = pb.ModelInferRequest(model_name="noop.model")
     message.inputs.add(name="x", datatype="FP32", shape=X.shape)
     message.outputs.add(name="y")
