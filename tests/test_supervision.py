@@ -59,6 +59,7 @@ def test_children_die_with_a_killed_supervisor() -> None:
 def test_a_crashed_worker_fails_its_requests_clearly_and_is_replaced() -> None:
     server = Server(["tests.services:Echo"], "--cpu-workers", "2", "--crash-retries", "0")
     try:
+        _both_workers_joined(server)
         workers = {pid for pid in children_of(server.pid) if "cpu" in _name(pid)}
         with ThreadPoolExecutor(8) as pool:
             good = [
@@ -86,6 +87,11 @@ def test_a_crashed_worker_fails_its_requests_clearly_and_is_replaced() -> None:
     assert shm_segments(server.pid) == []
 
 
+def _both_workers_joined(server: Server) -> None:
+    """Ready means one CPU worker reached the front; these tests need both."""
+    assert wait_until(lambda: server.log().count(") joined") >= 2, 30), server.log()
+
+
 def _live(server: Server, kind: str) -> set[int]:
     return {p for p in children_of(server.pid) if kind in _name(p) and alive(p)}
 
@@ -93,6 +99,7 @@ def _live(server: Server, kind: str) -> set[int]:
 def test_requests_on_a_killed_worker_are_sent_again_and_answered() -> None:
     server = Server(["tests.services:Echo"], "--cpu-workers", "2")
     try:
+        _both_workers_joined(server)
         workers = _live(server, "cpu")
         with ThreadPoolExecutor(6) as pool:
             futures = [
