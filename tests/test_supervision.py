@@ -145,7 +145,10 @@ def test_calls_on_a_killed_engine_are_sent_again_and_answered() -> None:
             time.sleep(0.2)  # the calls are in the engine's batch now (400 ms)
             os.kill(engine, signal.SIGKILL)
             results = [f.result() for f in futures]
-        assert [r.status_code for r in results] == [200] * 4, [r.text for r in results]
+        assert [r.status_code for r in results] == [200] * 4, (
+            [r.text for r in results],
+            server.log(),
+        )
         assert "died under a call" in server.log(), server.log()
         assert _live(server, "engi") and engine not in _live(server, "engi")
     finally:

@@ -24,6 +24,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+import msgspec
 import numpy as np
 
 from splitserve.config import ServerConfig
@@ -49,6 +50,10 @@ from splitserve.service import Request, Service, Tensors
 from splitserve.spec import ModelKey
 
 log = logging.getLogger("splitserve.worker")
+
+# How long a connected engine may take to welcome a worker before the worker reconnects
+# (an engine's loop answers at once; only one that is dying or wedged does not).
+ENGINE_WELCOME_TIMEOUT_S = 10.0
 
 
 @dataclass(eq=False)
@@ -270,9 +275,8 @@ class CpuWorker:
         """Keep a connection to one engine: read its replies, reconnect when it restarts."""
         while True:
             channel = await chan.connect(link.path, timeout=float("inf"))
-            try:
-                channel.send([msg.encode(msg.EngineHello(self.cfg.worker_concurrency))])
-            except chan.ChannelClosed:  # it died as we connected: wait for its successor
+            if not await self._greet(channel):  # it died as we connected: its successor
+                channel.close()
                 await asyncio.sleep(0.05)
                 continue
             link.channel = channel
@@ -305,6 +309,16 @@ class CpuWorker:
                 for prefix in link.peer_prefixes:
                     self.attachments.forget(prefix)
                 link.peer_prefixes.clear()
+
+    async def _greet(self, channel: chan.Channel) -> bool:
+        """Say hello and wait for the engine's welcome: True when it came in time."""
+        try:
+            channel.send([msg.encode(msg.EngineHello(self.cfg.worker_concurrency))])
+            async with asyncio.timeout(ENGINE_WELCOME_TIMEOUT_S):
+                header, *_ = await channel.recv()
+            return isinstance(msg.engine_decoder.decode(header), msg.EngineWelcome)
+        except (chan.ChannelClosed, TimeoutError, msgspec.DecodeError):
+            return False
 
     def _on_reply(self, link: EngineLink, reply: msg.InferReply, frames: list) -> None:
         call = link.pending.pop(reply.id, None)

@@ -328,6 +328,7 @@ class EngineProcess:
         if isinstance(message, msg.EngineHello):
             self.capacities[channel] = message.capacity
             self._update_senders()
+            channel.send([msg.encode(msg.EngineWelcome(os.getpid()))])
         elif isinstance(message, msg.Release):
             lent = self.lent.get(channel, set())
             for segment in message.segments:

@@ -120,6 +120,17 @@ class EngineHello(msgspec.Struct, tag="engine_hello", array_like=True):
     capacity: int
 
 
+class EngineWelcome(msgspec.Struct, tag="engine_welcome", array_like=True):
+    """An engine's answer to EngineHello: it is alive and reads this connection.
+
+    A worker sends calls only after it: a process being killed can still accept a
+    connection (its listening socket outlives the one it just lost), and calls sent
+    there would die with it.
+    """
+
+    pid: int
+
+
 class Release(msgspec.Struct, tag="release", array_like=True):
     """The reader is done with these segments of the receiver's pool."""
 
@@ -157,7 +168,7 @@ class ServerState(msgspec.Struct, tag="state", array_like=True):
 
 
 FrontMessage = Job | JobReply | WorkerHello | Cancel
-EngineMessage = InferRequest | InferReply | Release | EngineHello | CancelInfer
+EngineMessage = InferRequest | InferReply | Release | EngineHello | EngineWelcome | CancelInfer
 ControlMessage = ChildReady | ServerState | EngineStats | FrontStats
 
 encode = msgspec.msgpack.Encoder().encode
