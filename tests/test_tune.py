@@ -51,12 +51,29 @@ def test_tune_measures_candidates_and_writes_a_config_serve_reads(tmp_path) -> N
     written = tomllib.loads(out.read_text())
     assert written["services"] == ["tests.services:Echo"]
     assert written["mode"] == "split"
-    assert {"engine_replicas", "engine_threads", "cpu_workers", "worker_concurrency"} <= set(
-        written
-    )
+    assert {
+        "engine_replicas",
+        "engine_threads",
+        "cpu_workers",
+        "worker_concurrency",
+        "fronts",
+    } <= set(written)
     server = Server([], "--config", str(out))  # serve reads what tune wrote
     try:
         r = server.post("echo", json={"values": [4.0]})
         assert r.status_code == 200 and r.json()["values"] == [[4.0]]
     finally:
         server.stop()
+
+
+def test_fronts_are_searched_where_cores_allow_and_never_beyond_a_workers_slots() -> None:
+    from splitserve.tune import Candidate, neighbours, setting_values
+
+    eight = Candidate().with_setting("worker_concurrency", 8).with_setting("fronts", 1)
+    assert setting_values("fronts", eight, cores=2) == [1]  # one core's HTTP work is enough
+    assert setting_values("fronts", eight, cores=16) == [1, 2, 4]
+    four_fronts = eight.with_setting("fronts", 4)
+    tried = list(neighbours(four_fronts, cores=16, declared={}))
+    assert eight in tried  # fewer fronts
+    assert all(c.get("fronts") <= c.get("worker_concurrency") for c in tried)
+    assert four_fronts.with_setting("worker_concurrency", 2) not in tried

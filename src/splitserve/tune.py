@@ -2,7 +2,7 @@
 service fastest on this machine, on the user's own sample requests.
 
 Each candidate is a complete set of settings (CPU workers, engine replicas and threads,
-worker concurrency, each model's ``max_batch_size`` and ``max_delay_ms``). It is served
+worker concurrency, fronts, each model's ``max_batch_size`` and ``max_delay_ms``). It is served
 for real (``splitserve serve --config`` on a free 127.0.0.1 port) and measured under the
 same closed-loop load: requests/s of successful answers, and their p99. A candidate
 qualifies when its p99 is under the target and under 1% of its answers failed; the
@@ -36,7 +36,7 @@ from typing import Any
 from splitserve.bench import bodies as body_sources
 from splitserve.bench.loadgen import Result, run_closed_loop
 from splitserve.bench.servers import free_port, start_server, stop_server
-from splitserve.layout import Services, default_layout
+from splitserve.layout import Services, default_fronts, default_layout
 
 # A change must beat the best so far by this share of its requests/s to be kept: the
 # machine's noise between two runs of the same layout is a few percent.
@@ -44,7 +44,15 @@ MIN_GAIN = 0.03
 # Share of failed requests above which a candidate does not qualify.
 MAX_ERROR_FRACTION = 0.01
 # The layout settings searched, in order (ServerConfig field names).
-LAYOUT_SETTINGS = ("engine_replicas", "engine_threads", "cpu_workers", "worker_concurrency")
+LAYOUT_SETTINGS = (
+    "engine_replicas",
+    "engine_threads",
+    "cpu_workers",
+    "worker_concurrency",
+    "fronts",
+)
+# Fronts tried at most (each takes a core's worth of HTTP work at high request rates).
+MAX_TUNED_FRONTS = 4
 
 HELP = "search the fastest layout and batching for services, write it as a config file"
 DESCRIPTION = __doc__
@@ -99,6 +107,7 @@ class Candidate:
             "engine_threads": "threads",
             "cpu_workers": "workers",
             "worker_concurrency": "conc",
+            "fronts": "fronts",
         }
         parts = [f"{short.get(k, k)}={v}" for k, v in self.settings]
         for key, values in self.models:
@@ -153,6 +162,9 @@ def setting_values(name: str, current: Candidate, cores: int) -> list[int]:
         return sorted(set(_doubling(1, cores)) | {cores})
     if name == "worker_concurrency":
         return [2, 4, 8, 16]
+    if name == "fronts":  # a front per 2 cores at most, and never more than a worker's slots
+        most = min(MAX_TUNED_FRONTS, max(1, cores // 2), current.get("worker_concurrency") or 1)
+        return _doubling(1, most)
     raise ValueError(f"unknown setting {name!r}")
 
 
@@ -162,14 +174,20 @@ def model_values(name: str, declared: float) -> list[float]:
     return sorted({0.0, declared * 2 if declared else 2.0, declared * 4 if declared else 8.0})
 
 
+def _valid(candidate: Candidate) -> bool:
+    """Whether serve accepts the layout: each front gets a share of a worker's slots."""
+    return (candidate.get("fronts") or 1) <= (candidate.get("worker_concurrency") or 1)
+
+
 def neighbours(
     best: Candidate, cores: int, declared: dict[str, dict[str, float]]
 ) -> Iterator[Candidate]:
     """Every candidate that changes one setting of ``best``, most telling first."""
     for name in LAYOUT_SETTINGS:
         for value in setting_values(name, best, cores):
-            if value != best.get(name):
-                yield best.with_setting(name, value)
+            candidate = best.with_setting(name, value)
+            if value != best.get(name) and _valid(candidate):
+                yield candidate
     for key, settings in declared.items():
         for name, value in settings.items():
             now = best.model_setting(key, name)
@@ -190,6 +208,7 @@ def starting_point(services: Services, cores: int) -> Candidate:
         ("engine_threads", max(1, cores // replicas)),
         ("cpu_workers", layout.cpu_workers),
         ("worker_concurrency", layout.worker_concurrency),
+        ("fronts", default_fronts(models, cores, layout.worker_concurrency)),
     ):
         candidate = candidate.with_setting(name, value)
     return candidate
