@@ -64,7 +64,7 @@ from benchmarks.peers.common import (
     parse_threads,
     payload_headers,
 )
-from examples.ocr.compare import compare_ocr
+from examples.ocr.compare import character_errors, compare_ocr
 from examples.ocr.make_images import generate_documents
 from splitserve.bench.servers import interrupt_then_kill
 from splitserve.runtime.process import set_parent_death_signal
@@ -152,6 +152,10 @@ class Peer:
     answer: Callable[[bytes, Any], bytes] = raw_answer
     venv: str | None = None
     about: str | None = None  # a GET path whose JSON says what server runs (its version)
+    service: str = OCR  # the splitserve service (``splitserve serve SERVICE``)
+    # None: answers must equal RapidOCR's; a share: lower-precision engines, whose page
+    # texts must agree with RapidOCR's in that share of characters at least (1 - CER)
+    min_character_agreement: float | None = None
 
     def engine_threads(self, requested: int | None) -> int | None:
         return self.own_engine_threads if self.own_engine_threads is not None else requested
@@ -300,6 +304,13 @@ PEERS: dict[str, Peer] = {
             "split",
             "splitserve split, the README's command (the default layout)",
             splitserve_args=(),
+        ),
+        Peer(
+            "split-int8",
+            "splitserve split, the README's command, int8 det + rec (gated: >= 98% characters)",
+            route="/v1/services/ocr-int8",
+            service="examples.ocr.int8:OCRInt8",
+            min_character_agreement=0.98,
         ),
         Peer(
             "split-1w",
@@ -528,7 +539,7 @@ def start_peer(peer: Peer, engine_threads: int | None, work: Path, logs: Path) -
     log_path = logs / f"{peer.name}-{port}.log"
     threads = peer.engine_threads(engine_threads)
     if peer.command is None:
-        args = [OCR, *peer.splitserve_args]
+        args = [peer.service, *peer.splitserve_args]
         if threads is not None and "--engine-threads" not in args:
             args += ["--engine-threads", str(threads)]
         proc = start_server(args, port, READY_TIMEOUT_S, log_path)
@@ -629,10 +640,13 @@ def request_headers(payload: Payload) -> dict[str, str]:
 def check_answers(
     peer: Peer, url: str, images: list[bytes], references: list[Any]
 ) -> dict[str, Any]:
-    """Each image's answer against RapidOCR's (``compare_ocr``): all equivalent or not.
-    Each image is sent as ``peer.request`` makes it, the load's very requests."""
+    """Each image's answer against RapidOCR's (``compare_ocr``): all equivalent or not
+    (for lower-precision engines: the page texts' character agreement, summed over the
+    images, at least ``peer.min_character_agreement``). Each image is sent as
+    ``peer.request`` makes it, the load's very requests."""
     worst_score = worst_box = 0.0
     failures = []
+    errors = characters = 0
     for i, (data, ref) in enumerate(zip(images, references, strict=True)):
         payload = peer.request(data)
         req = urllib.request.Request(
@@ -640,17 +654,23 @@ def check_answers(
         )
         try:
             with urllib.request.urlopen(req, timeout=120) as resp:
-                answer = peer.answer(resp.read(), resp.headers)
-                diff = compare_ocr(json.loads(answer), ref)
+                answer = json.loads(peer.answer(resp.read(), resp.headers))
+                diff = compare_ocr(answer, ref)
         except (urllib.error.URLError, OSError, ValueError, KeyError) as exc:
             failures.append({"image": i, "error": f"{type(exc).__name__}: {exc}"})
             continue
-        if not diff["equivalent"]:
+        wrong, total = character_errors(diff["reference_texts"], diff["texts"])
+        errors, characters = errors + wrong, characters + total
+        if not diff["equivalent"] and peer.min_character_agreement is None:
             failures.append({"image": i, **diff})
         worst_score = max(worst_score, diff["max_score_diff"])
         worst_box = max(worst_box, diff["max_box_diff"])
+    agreement = 1 - errors / characters if characters else 1.0
+    if peer.min_character_agreement is not None and agreement < peer.min_character_agreement:
+        failures.append({"character_agreement": agreement})
     return {
         "equivalent": not failures,
+        "character_agreement": round(agreement, 5),
         "checked_images": len(images),
         "max_score_diff": worst_score,
         "max_box_diff": worst_box,
@@ -706,7 +726,8 @@ def run_rounds(
                 record["check"] = check = check_answers(peer, running.url, images, references)
                 print(
                     f"round {round_no} {name}: ready in {record['start_s']:.1f} s, "
-                    f"answers equal RapidOCR's: {check['equivalent']}",
+                    f"answers equal RapidOCR's: {check['equivalent']} (characters "
+                    f"agreeing: {check['character_agreement']:.2%})",
                     flush=True,
                 )
                 if not check["equivalent"]:
