@@ -9,6 +9,7 @@ from splitserve.config import ServerConfig
 from splitserve.layout import (
     ACCELERATOR_WORKER_CONCURRENCY,
     CPU_MODELS_WORKER_CONCURRENCY,
+    MAX_ACCELERATOR_WORKER_CONCURRENCY,
     MAX_CPU_REPLICAS,
     MAX_FRONTS,
     Services,
@@ -36,6 +37,17 @@ def test_accelerator_models_get_one_engine_and_a_worker_per_core_but_one() -> No
         None,
         ACCELERATOR_WORKER_CONCURRENCY,
     )
+    # the workers hold at least a full batch of the largest model between them
+    big = splitserve.Model(backend="simulated", max_batch_size=32, options=SIMULATED.options)
+    assert default_layout({"s/m": big}, cores=2).worker_concurrency == 32  # one worker
+    assert default_layout({"s/m": big}, cores=5).worker_concurrency == 8  # four workers
+    assert default_layout({"s/m": big}, cores=16).worker_concurrency == (
+        ACCELERATOR_WORKER_CONCURRENCY
+    )
+    huge = splitserve.Model(backend="simulated", max_batch_size=512, options=SIMULATED.options)
+    assert default_layout({"s/m": huge}, cores=2).worker_concurrency == (
+        MAX_ACCELERATOR_WORKER_CONCURRENCY
+    )
     cuda = splitserve.Model("m.onnx", options={"providers": ["CUDAExecutionProvider"]})
     assert on_accelerator(cuda)
     assert not on_accelerator(splitserve.Model("pkg:make", backend="torch"))
@@ -60,7 +72,8 @@ def test_more_fronts_only_for_accelerator_models_on_many_cores() -> None:
 
 def test_fronts_above_the_default_worker_slots_are_refused() -> None:
     services = Services.load(["tests.services:SlowEngine"])  # a simulated accelerator
-    cfg = with_default_layout(ServerConfig(fronts=2), services)
+    cfg = with_default_layout(ServerConfig(fronts=2, cpu_workers=2), services)
+    # two workers x 4 slots hold SlowEngine's batches of 8
     assert (cfg.worker_concurrency, cfg.fronts) == (ACCELERATOR_WORKER_CONCURRENCY, 2)
     with pytest.raises(ValueError, match=r"<= worker_concurrency \(4\)"):
-        with_default_layout(ServerConfig(fronts=5), services)
+        with_default_layout(ServerConfig(fronts=5, cpu_workers=2), services)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -178,9 +179,14 @@ class Defaults(NamedTuple):
 # clients as slots without refusals (with 4, a lone worker's 4 slots made 16 clients a
 # 4x overload and the front refused most of them), while every slot more adds latency
 # to what is in flight (16 per worker: recovery after a 10x overload took 22 s for a new
-# request, docs/benchmarks.md). Models on an accelerator: a worker per core, a few each.
+# request, docs/benchmarks.md). Models on an accelerator: a worker per core, a few each,
+# and together at least the largest model's max_batch_size, or its batches never fill
+# (on 2 cores the lone worker's 4 slots held the simulated detector's batches of 32 to 4,
+# and admission refused 99% of a 16-client closed loop as an overload), up to
+# MAX_ACCELERATOR_WORKER_CONCURRENCY.
 CPU_MODELS_WORKER_CONCURRENCY = 8
 ACCELERATOR_WORKER_CONCURRENCY = 4
+MAX_ACCELERATOR_WORKER_CONCURRENCY = 32
 
 
 def gpu_present() -> bool:
@@ -222,8 +228,13 @@ def default_layout(
         concurrency = CPU_MODELS_WORKER_CONCURRENCY
     else:
         replicas = None
-        workers = max(1, cores - 1)
-        concurrency = ACCELERATOR_WORKER_CONCURRENCY
+        workers = cpu_workers or max(1, cores - 1)
+        # a batch fills only when as many jobs are in flight, over all the workers
+        largest = max((m.max_batch_size for m in models.values()), default=1)
+        concurrency = min(
+            MAX_ACCELERATOR_WORKER_CONCURRENCY,
+            max(ACCELERATOR_WORKER_CONCURRENCY, math.ceil(largest / workers)),
+        )
     return Defaults(cpu_workers or workers, replicas, concurrency)
 
 

@@ -161,7 +161,7 @@ def setting_values(name: str, current: Candidate, cores: int) -> list[int]:
     if name == "cpu_workers":
         return sorted(set(_doubling(1, cores)) | {cores})
     if name == "worker_concurrency":
-        return [2, 4, 8, 16]
+        return [2, 4, 8, 16, 32]
     if name == "fronts":  # a front per 2 cores at most, and never more than a worker's slots
         most = min(MAX_TUNED_FRONTS, max(1, cores // 2), current.get("worker_concurrency") or 1)
         return _doubling(1, most)
