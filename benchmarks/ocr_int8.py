@@ -89,7 +89,9 @@ def build_all(names: list[str]) -> dict[str, Any]:
 def answers(url: str, images: list[bytes]) -> list[list[str]]:
     texts = []
     for data in images:
-        req = urllib.request.Request(url, data=data, method="POST")
+        req = urllib.request.Request(
+            url, data=data, method="POST", headers={"Content-Type": "image/jpeg"}
+        )
         with urllib.request.urlopen(req, timeout=120) as resp:
             texts.append([r["text"] for r in json.loads(resp.read())["results"]])
     return texts

@@ -62,7 +62,9 @@ def check_answers(url: str, images: list[bytes], references: list[Any]) -> float
     """Every image's answer equals RapidOCR's; returns the largest score difference."""
     worst = 0.0
     for data, ref in zip(images, references, strict=True):
-        req = urllib.request.Request(url, data=data, method="POST")
+        req = urllib.request.Request(
+            url, data=data, method="POST", headers={"Content-Type": "image/jpeg"}
+        )
         with urllib.request.urlopen(req, timeout=60) as resp:
             diff = compare_ocr(json.loads(resp.read()), ref)
         if not diff["equivalent"]:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import base64
 import io
+import json
+import shutil
+import subprocess
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -66,6 +69,23 @@ def test_json_body_with_base64_image(ocr_server: Server, documents, references) 
     r = ocr_server.post("ocr", json={"image": base64.b64encode(documents[0]).decode()})
     assert r.status_code == 200, r.text
     assert compare_ocr(r.json(), references[0])["texts_equal"]
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="needs the curl command")
+def test_the_readmes_curl_command(ocr_server: Server, documents, references, tmp_path) -> None:
+    """`curl --data-binary @page.jpg` labels the image a form; the bytes say what it is."""
+    page = tmp_path / "doc_0000.jpg"
+    page.write_bytes(documents[0])
+    url = f"{ocr_server.url}/v1/services/ocr"
+    run = subprocess.run(
+        ["curl", "-s", "-w", "\n%{http_code}", "--data-binary", f"@{page}", url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    body, _, status = run.stdout.rpartition("\n")
+    assert status == "200", run.stdout
+    assert compare_ocr(json.loads(body), references[0])["texts_equal"]
 
 
 def _jpeg(size: tuple[int, int]) -> bytes:

@@ -2,7 +2,8 @@
 
 Request bodies are recognised by content, not name: a folder of pages may also hold
 each page's ground truth (a ``.json`` beside it), which is not a request. Used by the
-load generator (``--body-dir``) and by builds (calibration folders of requests).
+load generator (``--body-dir``), by builds (calibration folders of requests), and by
+requests whose label says nothing (curl's and urllib's default, a form, on any body).
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ from numpy.typing import DTypeLike
 
 from splitserve.errors import BadRequest, PayloadTooLarge, Unprocessable, UnsupportedMediaType
 from splitserve.importing import add_working_directory_to_path
+from splitserve.media import HEAD_BYTES, image_type
 
 Tensors = dict[str, np.ndarray]
 InferFn = Callable[[str, Mapping[str, np.ndarray]], Awaitable[Tensors]]
@@ -203,6 +204,9 @@ class Request:
                 raise Unprocessable("JSON field 'image' is empty: expected a base64 image")
             return data
         media_type = self.media_type
+        if media_type in _FORM_TYPES and image_type(self.body[:HEAD_BYTES]):
+            # curl --data-binary and urllib label every body a form: the bytes say image
+            return self.body
         if media_type.startswith(("text/", "multipart/")) or media_type in _FORM_TYPES:
             raise UnsupportedMediaType(
                 f"content type {self.content_type!r} is not an image; send the image bytes "
