@@ -35,7 +35,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from splitserve.media import image_type
+from splitserve.media import HEAD_BYTES, image_type
 from tests.conftest import TEST_SERVICES, Server
 
 MAX_PIXELS = 200_000  # the servers' --max-image-pixels: a 413 costs little to provoke
@@ -249,7 +249,7 @@ def expectation(service: str, body: bytes, content_type: str | None) -> Expect:
             return EITHER if image else bad(422)
         kind = media_type(content_type)
         form = kind == "application/x-www-form-urlencoded"
-        if form and image_type(body[:16]):  # curl's default label: the bytes say image
+        if form and image_type(body[:HEAD_BYTES]):  # curl's default label: the bytes say image
             return EITHER
         if kind.startswith(("text/", "multipart/")) or form:
             return bad(415)

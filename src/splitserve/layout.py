@@ -224,7 +224,7 @@ def default_layout(
     declared = any(m.replicas != 1 for m in models.values())
     if any(not on_accelerator(m) for m in models.values()):
         replicas = None if declared else min(cores, MAX_CPU_REPLICAS)
-        workers = max(1, cores // 4)
+        workers = cpu_workers or max(1, cores // 4)
         concurrency = CPU_MODELS_WORKER_CONCURRENCY
     else:
         replicas = None
@@ -235,7 +235,7 @@ def default_layout(
             MAX_ACCELERATOR_WORKER_CONCURRENCY,
             max(ACCELERATOR_WORKER_CONCURRENCY, math.ceil(largest / workers)),
         )
-    return Defaults(cpu_workers or workers, replicas, concurrency)
+    return Defaults(workers, replicas, concurrency)
 
 
 # Fronts (``--fronts auto``). A front spends ~FRONT_CPU_MS of its core per request on

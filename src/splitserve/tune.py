@@ -36,6 +36,7 @@ from typing import Any
 from splitserve.bench import bodies as body_sources
 from splitserve.bench.loadgen import Result, run_closed_loop
 from splitserve.bench.servers import free_port, start_server, stop_server
+from splitserve.config import ServerConfig
 from splitserve.layout import Services, default_fronts, default_layout
 
 # A change must beat the best so far by this share of its requests/s to be kept: the
@@ -175,8 +176,13 @@ def model_values(name: str, declared: float) -> list[float]:
 
 
 def _valid(candidate: Candidate) -> bool:
-    """Whether serve accepts the layout: each front gets a share of a worker's slots."""
-    return (candidate.get("fronts") or 1) <= (candidate.get("worker_concurrency") or 1)
+    """Whether serve accepts the layout (ServerConfig's own checks: e.g. each front
+    gets a share of a worker's slots)."""
+    try:
+        ServerConfig(**dict(candidate.settings))
+    except ValueError:
+        return False
+    return True
 
 
 def neighbours(
